@@ -1,0 +1,187 @@
+//! Batch normalisation over the rows of an `[n, c]` matrix (torch's `BatchNorm1d` on
+//! `[N, C]`), shared by SSM (its heads normalise column prefixes of the feature) and
+//! AB (it normalises the squeezed channel descriptor).
+//!
+//! The matrix is read in place: the first `c` columns of a row-major buffer with `ld`
+//! elements per row. Column reductions accumulate in f64 and use two passes (mean,
+//! then squared deviations), as torch does.
+
+use super::Float;
+use rayon::prelude::*;
+
+/// Columns per rayon task in the column reductions.
+const COL_BLOCK: usize = 256;
+
+/// Statistics of one training batch.
+#[derive(Debug, Clone)]
+pub struct BatchStats<T> {
+    pub mean: Vec<T>,
+    /// `1 / sqrt(biased_var + eps)`: what normalisation and the backward use.
+    pub invstd: Vec<T>,
+    /// The unbiased variance, for the running-variance update.
+    pub var_unbiased: Vec<T>,
+}
+
+/// Per-column sums over rows of `f(row_index, column_value_index)`, in f64.
+fn column_sums<T: Float>(
+    n: usize,
+    c: usize,
+    f: impl Fn(usize, usize) -> f64 + Sync,
+) -> Vec<f64> {
+    let mut out = vec![0.0f64; c];
+    out.par_chunks_mut(COL_BLOCK).enumerate().for_each(|(b, acc)| {
+        let j0 = b * COL_BLOCK;
+        for i in 0..n {
+            for (dj, a) in acc.iter_mut().enumerate() {
+                *a += f(i, j0 + dj);
+            }
+        }
+    });
+    out
+}
+
+/// Batch mean, inverse standard deviation and unbiased variance of each column.
+pub fn batch_stats<T: Float>(x: &[T], n: usize, c: usize, ld: usize, eps: f64) -> BatchStats<T> {
+    let inv_n = 1.0 / n.max(1) as f64;
+    let mean = column_sums::<T>(n, c, |i, j| x[i * ld + j].as_f64());
+    let mean: Vec<f64> = mean.into_iter().map(|s| s * inv_n).collect();
+    let ssd = column_sums::<T>(n, c, |i, j| {
+        let d = x[i * ld + j].as_f64() - mean[j];
+        d * d
+    });
+    let unbiased_div = if n > 1 { (n - 1) as f64 } else { f64::NAN };
+    BatchStats {
+        invstd: ssd.iter().map(|&s| T::of(1.0 / (s * inv_n + eps).sqrt())).collect(),
+        var_unbiased: ssd.iter().map(|&s| T::of(s / unbiased_div)).collect(),
+        mean: mean.into_iter().map(T::of).collect(),
+    }
+}
+
+/// `1 / sqrt(running_var + eps)`, the eval-mode counterpart of `BatchStats::invstd`.
+pub fn eval_invstd<T: Float>(running_var: &[T], eps: f64) -> Vec<T> {
+    running_var.iter().map(|&v| T::of(1.0 / (v.as_f64() + eps).sqrt())).collect()
+}
+
+/// `y = (x - mean) * invstd * gamma + beta`, then `act` on each element, into a new
+/// contiguous `[n, c]` matrix.
+#[allow(clippy::too_many_arguments)]
+pub fn normalize<T: Float>(
+    x: &[T],
+    n: usize,
+    c: usize,
+    ld: usize,
+    mean: &[T],
+    invstd: &[T],
+    gamma: &[T],
+    beta: &[T],
+    act: impl Fn(T) -> T + Sync,
+) -> Vec<T> {
+    let scale: Vec<T> = invstd.iter().zip(gamma).map(|(&s, &g)| s * g).collect();
+    let shift: Vec<T> = (0..c).map(|j| beta[j] - mean[j] * scale[j]).collect();
+    let mut y = vec![T::zero(); n * c];
+    if c == 0 {
+        return y;
+    }
+    y.par_chunks_mut(c).enumerate().for_each(|(i, row)| {
+        let xr = &x[i * ld..i * ld + c];
+        for j in 0..c {
+            row[j] = act(xr[j] * scale[j] + shift[j]);
+        }
+    });
+    y
+}
+
+/// Gradients of batch normalisation.
+#[derive(Debug, Clone)]
+pub struct BatchNormGrads<T> {
+    /// `[n, c]`, contiguous.
+    pub dx: Vec<T>,
+    pub dgamma: Vec<T>,
+    pub dbeta: Vec<T>,
+}
+
+/// Backward of [`normalize`] (before the activation: `dy` is the gradient of the
+/// normalised output). `training` selects the batch-statistics formula (the mean and
+/// variance depend on `x`); otherwise `mean`/`invstd` are constants (running stats).
+#[allow(clippy::too_many_arguments)]
+pub fn backward<T: Float>(
+    dy: &[T],
+    x: &[T],
+    n: usize,
+    c: usize,
+    ld: usize,
+    mean: &[T],
+    invstd: &[T],
+    gamma: &[T],
+    training: bool,
+) -> BatchNormGrads<T> {
+    let xhat = |i: usize, j: usize| (x[i * ld + j].as_f64() - mean[j].as_f64()) * invstd[j].as_f64();
+    let dbeta = column_sums::<T>(n, c, |i, j| dy[i * c + j].as_f64());
+    let dgamma = column_sums::<T>(n, c, |i, j| dy[i * c + j].as_f64() * xhat(i, j));
+    let mut dx = vec![T::zero(); n * c];
+    if c > 0 {
+        let inv_n = 1.0 / n.max(1) as f64;
+        dx.par_chunks_mut(c).enumerate().for_each(|(i, row)| {
+            for j in 0..c {
+                let g = gamma[j].as_f64() * invstd[j].as_f64();
+                let d = dy[i * c + j].as_f64();
+                row[j] = T::of(if training {
+                    g * (d - (dbeta[j] + xhat(i, j) * dgamma[j]) * inv_n)
+                } else {
+                    g * d
+                });
+            }
+        });
+    }
+    BatchNormGrads {
+        dx,
+        dgamma: dgamma.into_iter().map(T::of).collect(),
+        dbeta: dbeta.into_iter().map(T::of).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loss(x: &[f64], n: usize, c: usize, ld: usize, g: &[f64], b: &[f64], w: &[f64]) -> f64 {
+        let s = batch_stats(x, n, c, ld, 1e-5);
+        let y = normalize(x, n, c, ld, &s.mean, &s.invstd, g, b, |v| v);
+        y.iter().zip(w).map(|(a, b)| a * b).sum()
+    }
+
+    #[test]
+    fn stats_match_definition() {
+        let x = [1.0f64, 10.0, 99.0, 3.0, 20.0, 99.0];
+        let s = batch_stats(&x, 2, 2, 3, 0.0);
+        assert_eq!(s.mean, vec![2.0, 15.0]);
+        assert!((s.var_unbiased[0] - 2.0).abs() < 1e-12);
+        assert!((s.invstd[1] - 1.0 / 5.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn training_backward_matches_finite_differences() {
+        let (n, c, ld) = (5, 3, 4);
+        let mut x: Vec<f64> = (0..n * ld).map(|i| ((i * 37) % 11) as f64 * 0.3 - 1.0).collect();
+        let g = [0.5, -1.2, 2.0];
+        let b = [0.1, 0.2, -0.3];
+        let w: Vec<f64> = (0..n * c).map(|i| ((i * 13) % 7) as f64 - 3.0).collect();
+        let s = batch_stats(&x, n, c, ld, 1e-5);
+        let grads = backward(&w, &x, n, c, ld, &s.mean, &s.invstd, &g, true);
+        let h = 1e-6;
+        for i in 0..n {
+            for j in 0..c {
+                let k = i * ld + j;
+                x[k] += h;
+                let up = loss(&x, n, c, ld, &g, &b, &w);
+                x[k] -= 2.0 * h;
+                let down = loss(&x, n, c, ld, &g, &b, &w);
+                x[k] += h;
+                let fd = (up - down) / (2.0 * h);
+                assert!((fd - grads.dx[i * c + j]).abs() < 1e-5, "dx[{i},{j}] {fd} vs {}", grads.dx[i * c + j]);
+            }
+        }
+        let dbeta: f64 = (0..n).map(|i| w[i * c + 1]).sum();
+        assert!((grads.dbeta[1] - dbeta).abs() < 1e-12);
+    }
+}
