@@ -1,0 +1,41 @@
+"""cnnboost: fast forward and backward kernels for four accuracy-booster modules
+for convolutional networks, as drop-in ``torch.nn.Module``s.
+
+* ``cnnboost.FFC`` — Sequential Feature Filtering Classifier (a classifier head)
+
+Each module has a pure-torch twin in ``cnnboost.reference`` that computes the same
+thing the slow way (the tests compare against it). ``cnnboost._core`` holds the
+Rust kernels for NumPy arrays and needs no torch.
+
+Threads: the kernels run in a pool of their own, sized to the number of CPUs.
+``cnnboost.set_num_threads(n)`` resizes it; when torch is imported, keep it equal to
+``torch.get_num_threads()`` so the two do not oversubscribe the machine.
+"""
+
+from __future__ import annotations
+
+from . import _core
+from ._core import get_num_threads, set_num_threads
+
+__version__ = _core.__version__
+
+# The torch modules import torch; load them on first use so that a NumPy-only user
+# can `import cnnboost` and call `cnnboost._core` without torch installed.
+_TORCH_MODULES = {"FFC": "ffc", "reference": None}
+
+__all__ = ["FFC", "reference", "get_num_threads", "set_num_threads", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _TORCH_MODULES:
+        import importlib
+
+        sub = _TORCH_MODULES[name]
+        if sub is None:
+            return importlib.import_module(f".{name}", __name__)
+        return getattr(importlib.import_module(f".{sub}", __name__), name)
+    raise AttributeError(f"module 'cnnboost' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_TORCH_MODULES))

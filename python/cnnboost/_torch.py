@@ -1,0 +1,80 @@
+"""What every torch module of cnnboost shares: turning tensors into the arrays the
+kernels read (in place) and the kernels' arrays back into tensors (without a copy),
+and the checks that give a bad argument a clear error before any work is done."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A NumPy view of a CPU tensor (no copy; strides kept: the kernels copy only a
+    layout they cannot read in place)."""
+    return t.detach().numpy()
+
+
+def from_numpy(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(a)
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    ndims: Sequence[int],
+    like: torch.Tensor | None = None,
+    layout_doc: str = "",
+) -> torch.Tensor:
+    """Raises a TypeError/ValueError naming `name` unless `t` is a floating CPU tensor
+    of one of the ranks in `ndims`, with the dtype and device of `like` (a parameter)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() not in ndims:
+        ranks = " or ".join(f"{d}-d" for d in ndims)
+        raise ValueError(f"{name}: expected a {ranks} tensor{layout_doc}, got shape {tuple(t.shape)}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name}: expected dtype torch.float32 or torch.float64, got {t.dtype} "
+            "(cast the input, or run the module outside torch.autocast)"
+        )
+    if t.device.type != "cpu":
+        raise ValueError(
+            f"{name}: expected a tensor on the CPU, got one on {t.device} "
+            "(this build of cnnboost has CPU kernels only)"
+        )
+    if like is not None:
+        if t.dtype != like.dtype:
+            raise TypeError(
+                f"{name}: expected dtype {like.dtype} (the module's parameters), got {t.dtype}; "
+                f"call module.to({t.dtype}) or cast the input"
+            )
+        if t.device != like.device:
+            raise ValueError(f"{name}: expected device {like.device} (the module's parameters), got {t.device}")
+    return t
+
+
+def check_int(name: str, value: object, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return value
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    if value not in choices:
+        options = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name}: expected one of {options}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def check_eps(value: object, name: str = "eps") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
+    return float(value)

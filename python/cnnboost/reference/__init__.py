@@ -1,0 +1,7 @@
+"""Pure-torch reference modules: the same constructors, parameter names and results
+as the fast modules, computed the straightforward way. The tests compare against
+them; they are also a readable statement of what each module computes."""
+
+from .ffc import FFC, vote_scores
+
+__all__ = ["FFC", "vote_scores"]

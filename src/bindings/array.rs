@@ -1,0 +1,163 @@
+//! Arrays in and out of the kernels.
+//!
+//! In: a NumPy array, or any object with `__dlpack__` (a torch CPU tensor, …), read
+//! in place. Only an array the kernels cannot read as one aligned, C-contiguous slice
+//! (a transposed or sliced view, a misaligned buffer) is copied first.
+//! Out: a `Vec` handed to NumPy without a copy; `torch.from_numpy` takes it without
+//! another.
+
+use crate::kernels::Float;
+use numpy::ndarray::{ArrayD, IxDyn};
+use numpy::{
+    Element, IntoPyArray, PyArrayDescrMethods, PyArrayMethods, PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArray,
+    PyUntypedArrayMethods,
+};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyTuple};
+
+/// The element types the kernels take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F64,
+}
+
+fn numpy(py: Python<'_>) -> PyResult<&Bound<'_, PyModule>> {
+    static NUMPY: PyOnceLock<Py<PyModule>> = PyOnceLock::new();
+    NUMPY.get_or_try_init(py, || py.import("numpy").map(Bound::unbind)).map(|m| m.bind(py))
+}
+
+fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "object".into())
+}
+
+/// `obj` as a NumPy array, without copying.
+pub fn to_numpy<'py>(obj: &Bound<'py, PyAny>, arg: &str) -> PyResult<Bound<'py, PyUntypedArray>> {
+    if let Ok(a) = obj.cast::<PyUntypedArray>() {
+        return Ok(a.clone());
+    }
+    let py = obj.py();
+    if !obj.hasattr("__dlpack__")? {
+        return Err(PyTypeError::new_err(format!(
+            "{arg}: expected a NumPy array or an object with __dlpack__ (e.g. a torch tensor), got {}",
+            type_name(obj)
+        )));
+    }
+    if let Ok(dev) = obj.call_method0("__dlpack_device__") {
+        let kind: i64 = dev.get_item(0)?.extract().unwrap_or(1);
+        if kind != 1 && kind != 3 {
+            // 1: CPU, 3: CUDA host (pinned) memory; everything else lives on a device.
+            return Err(PyTypeError::new_err(format!(
+                "{arg}: expected an array in CPU memory (this build of cnnboost is CPU-only), \
+                 got one on DLPack device {}",
+                dev.str()?
+            )));
+        }
+    }
+    let arr = numpy(py)?.call_method1("from_dlpack", (obj,)).map_err(|e| {
+        PyValueError::new_err(format!("{arg}: could not be read through DLPack: {}", e.value(py)))
+    })?;
+    Ok(arr.cast_into::<PyUntypedArray>()?)
+}
+
+/// The element type of an array, or a `TypeError` naming the argument.
+pub fn dtype_of(arr: &Bound<'_, PyUntypedArray>, arg: &str) -> PyResult<DType> {
+    let py = arr.py();
+    let dt = arr.dtype();
+    if dt.is_equiv_to(&numpy::dtype::<f32>(py)) {
+        Ok(DType::F32)
+    } else if dt.is_equiv_to(&numpy::dtype::<f64>(py)) {
+        Ok(DType::F64)
+    } else {
+        Err(PyTypeError::new_err(format!("{arg}: expected dtype float32 or float64, got {}", dt.str()?)))
+    }
+}
+
+const NPY_ARRAY_ALIGNED: i32 = 0x0100;
+
+/// A borrowed, aligned, C-contiguous array of `T`.
+pub struct Input<'py, T: Element> {
+    arr: PyReadonlyArrayDyn<'py, T>,
+}
+
+impl<T: Element> Input<'_, T> {
+    pub fn slice(&self) -> &[T] {
+        self.arr.as_slice().expect("Input is C-contiguous by construction")
+    }
+    pub fn shape(&self) -> &[usize] {
+        self.arr.shape()
+    }
+}
+
+/// Reads `obj` as an array of `T`: a `TypeError` naming `arg` if it is of another
+/// element type.
+pub fn input<'py, T: Element + Float>(obj: &Bound<'py, PyAny>, arg: &str) -> PyResult<Input<'py, T>> {
+    let mut arr = to_numpy(obj, arg)?;
+    let want = numpy::dtype::<T>(obj.py());
+    if !arr.dtype().is_equiv_to(&want) {
+        return Err(PyTypeError::new_err(format!(
+            "{arg}: expected dtype {} (the dtype of the input), got {}",
+            T::NAME,
+            arr.dtype().str()?
+        )));
+    }
+    // SAFETY: reading the flags field of a live array object.
+    let aligned = unsafe { (*arr.as_array_ptr()).fields.flags & NPY_ARRAY_ALIGNED != 0 };
+    if !arr.is_c_contiguous() || !aligned {
+        let kwargs = PyDict::new(obj.py());
+        kwargs.set_item("order", "C")?;
+        let copy = numpy(obj.py())?.call_method("array", (arr,), Some(&kwargs))?;
+        arr = copy.cast_into::<PyUntypedArray>()?;
+    }
+    let typed = arr.cast_into::<PyArrayDyn<T>>()?;
+    let ro = typed.try_into_readonly().map_err(|e| {
+        PyValueError::new_err(format!("{arg}: is being written to elsewhere and cannot be read ({e})"))
+    })?;
+    Ok(Input { arr: ro })
+}
+
+/// The sizes of an array that must have `rank` dimensions (`layout` names them).
+pub fn expect_rank<'a>(arg: &str, shape: &'a [usize], rank: usize, layout: &str) -> PyResult<&'a [usize]> {
+    if shape.len() != rank {
+        return Err(PyValueError::new_err(format!(
+            "{arg}: expected a {rank}-d array {layout}, got shape {}",
+            fmt_shape(shape)
+        )));
+    }
+    Ok(shape)
+}
+
+/// Checks a shape, with an error that names the argument and both shapes.
+pub fn expect_shape(arg: &str, actual: &[usize], expected: &[usize]) -> PyResult<()> {
+    if actual != expected {
+        return Err(PyValueError::new_err(format!(
+            "{arg}: expected shape {}, got {}",
+            fmt_shape(expected),
+            fmt_shape(actual)
+        )));
+    }
+    Ok(())
+}
+
+pub fn fmt_shape(s: &[usize]) -> String {
+    let inner: Vec<String> = s.iter().map(|d| d.to_string()).collect();
+    if s.len() == 1 {
+        format!("({},)", inner[0])
+    } else {
+        format!("({})", inner.join(", "))
+    }
+}
+
+/// A kernel's result as a NumPy array of the given shape, without a copy.
+pub fn output<'py, T: Element>(py: Python<'py>, data: Vec<T>, shape: &[usize]) -> PyResult<Bound<'py, PyAny>> {
+    let arr = ArrayD::from_shape_vec(IxDyn(shape), data)
+        .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(format!("cnnboost internal error: {e}")))?;
+    Ok(arr.into_pyarray(py).into_any())
+}
+
+/// A tuple of outputs.
+pub fn tuple<'py>(py: Python<'py>, items: Vec<Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyTuple>> {
+    PyTuple::new(py, items)
+}

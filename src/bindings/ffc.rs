@@ -1,0 +1,267 @@
+//! `cnnboost._core.FFC`: the FFC kernels for NumPy arrays and DLPack objects.
+
+use super::array::{dtype_of, expect_rank, expect_shape, fmt_shape, input, output, to_numpy, tuple, DType};
+use super::{compute, to_py_err};
+use crate::kernels::ffc::{self, Combine, Config, Dims, Outputs, Params, SavedRef};
+use crate::kernels::Float;
+use numpy::Element;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+
+/// Sequential Feature Filtering Classifier kernels (forward, backward, vote).
+///
+/// The object holds only the hyper-parameters; the parameters are passed to each call
+/// (`ln_weight`/`ln_bias` stacked as `[L, C]`, `fc_weight` `[K, C]`, `fc_bias` `[K]`),
+/// so that a framework can own them. Arrays may be NumPy arrays or any object with
+/// `__dlpack__` (torch CPU tensors), float32 or float64, all of one dtype.
+#[pyclass(module = "cnnboost._core", name = "FFC", frozen)]
+pub struct Ffc {
+    cfg: Config,
+}
+
+/// The fixed arguments of one call, read and checked.
+struct Call<'py, T: Element> {
+    lw: super::array::Input<'py, T>,
+    lb: super::array::Input<'py, T>,
+    fw: super::array::Input<'py, T>,
+    fb: super::array::Input<'py, T>,
+    k: usize,
+}
+
+impl<'py, T: Element + Float> Call<'py, T> {
+    fn read(
+        cfg: &Config,
+        c: usize,
+        ln_weight: &Bound<'py, PyAny>,
+        ln_bias: &Bound<'py, PyAny>,
+        fc_weight: &Bound<'py, PyAny>,
+        fc_bias: &Bound<'py, PyAny>,
+    ) -> PyResult<Self> {
+        let lw = input::<T>(ln_weight, "ln_weight")?;
+        expect_shape("ln_weight", lw.shape(), &[cfg.num_filters, c])?;
+        let lb = input::<T>(ln_bias, "ln_bias")?;
+        expect_shape("ln_bias", lb.shape(), &[cfg.num_filters, c])?;
+        let fw = input::<T>(fc_weight, "fc_weight")?;
+        let k = expect_rank("fc_weight", fw.shape(), 2, "[num_classes, C]")?[0];
+        expect_shape("fc_weight", fw.shape(), &[k, c])?;
+        let fb = input::<T>(fc_bias, "fc_bias")?;
+        expect_shape("fc_bias", fb.shape(), &[k])?;
+        Ok(Call { lw, lb, fw, fb, k })
+    }
+    fn params(&self) -> Params<'_, T> {
+        Params { ln_weight: self.lw.slice(), ln_bias: self.lb.slice(), fc_weight: self.fw.slice(), fc_bias: self.fb.slice() }
+    }
+}
+
+/// `(N, C, H*W)` of an `[N, C]` or `[N, C, H, W]` input.
+fn input_dims(shape: &[usize]) -> PyResult<(usize, usize, usize)> {
+    match *shape {
+        [n, c] => Ok((n, c, 1)),
+        [n, c, h, w] => Ok((n, c, h.checked_mul(w).ok_or_else(|| PyValueError::new_err("x: H*W overflows"))?)),
+        _ => Err(PyValueError::new_err(format!(
+            "x: expected a 2-d [N, C] or 4-d [N, C, H, W] array, got shape {}",
+            fmt_shape(shape)
+        ))),
+    }
+}
+
+macro_rules! dispatch {
+    ($arr:expr, $arg:literal, $f:ident ( $($a:expr),* )) => {{
+        let arr = to_numpy($arr, $arg)?;
+        match dtype_of(&arr, $arg)? {
+            DType::F32 => $f::<f32>(arr.as_any(), $($a),*),
+            DType::F64 => $f::<f64>(arr.as_any(), $($a),*),
+        }
+    }};
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward_t<'py, T: Element + Float>(
+    x: &Bound<'py, PyAny>,
+    cfg: &Config,
+    ln_weight: &Bound<'py, PyAny>,
+    ln_bias: &Bound<'py, PyAny>,
+    fc_weight: &Bound<'py, PyAny>,
+    fc_bias: &Bound<'py, PyAny>,
+    outputs: Outputs,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let py = x.py();
+    let xa = input::<T>(x, "x")?;
+    let (n, c, hw) = input_dims(xa.shape())?;
+    let call = Call::<T>::read(cfg, c, ln_weight, ln_bias, fc_weight, fc_bias)?;
+    let d = Dims { n, c, hw, k: call.k };
+    let (xs, p) = (xa.slice(), call.params());
+    let (out, saved) = compute(py, || ffc::forward(cfg, d, xs, &p, outputs))?.map_err(to_py_err)?;
+    let out_shape = match outputs {
+        Outputs::Ensemble => vec![n, d.k],
+        Outputs::All => vec![cfg.num_outputs(), n, d.k],
+    };
+    let nf = cfg.num_filters;
+    tuple(py, vec![
+        output(py, out, &out_shape)?,
+        output(py, saved.feats, &[n, nf + 1, c])?,
+        output(py, saved.mean, &[n, nf])?,
+        output(py, saved.rstd, &[n, nf])?,
+    ])
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_t<'py, T: Element + Float>(
+    grad_out: &Bound<'py, PyAny>,
+    cfg: &Config,
+    feats: &Bound<'py, PyAny>,
+    mean: &Bound<'py, PyAny>,
+    rstd: &Bound<'py, PyAny>,
+    ln_weight: &Bound<'py, PyAny>,
+    ln_bias: &Bound<'py, PyAny>,
+    fc_weight: &Bound<'py, PyAny>,
+    fc_bias: &Bound<'py, PyAny>,
+    hw: usize,
+    outputs: Outputs,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let py = grad_out.py();
+    let nf = cfg.num_filters;
+    let fs = input::<T>(feats, "feats")?;
+    let fshape = expect_rank("feats", fs.shape(), 3, "[N, num_filters + 1, C]")?;
+    let (n, c) = (fshape[0], fshape[2]);
+    expect_shape("feats", fs.shape(), &[n, nf + 1, c])?;
+    let mu = input::<T>(mean, "mean")?;
+    expect_shape("mean", mu.shape(), &[n, nf])?;
+    let rs = input::<T>(rstd, "rstd")?;
+    expect_shape("rstd", rs.shape(), &[n, nf])?;
+    let call = Call::<T>::read(cfg, c, ln_weight, ln_bias, fc_weight, fc_bias)?;
+    let go = input::<T>(grad_out, "grad_out")?;
+    let want = match outputs {
+        Outputs::Ensemble => vec![n, call.k],
+        Outputs::All => vec![cfg.num_outputs(), n, call.k],
+    };
+    expect_shape("grad_out", go.shape(), &want)?;
+    if hw == 0 {
+        return Err(PyValueError::new_err("hw: expected H*W >= 1, got 0"));
+    }
+    let d = Dims { n, c, hw, k: call.k };
+    let saved = SavedRef { feats: fs.slice(), mean: mu.slice(), rstd: rs.slice() };
+    let (gos, p) = (go.slice(), call.params());
+    let g = compute(py, || ffc::backward(cfg, d, gos, &p, saved, outputs))?.map_err(to_py_err)?;
+    tuple(py, vec![
+        output(py, g.x, &[n, c])?,
+        output(py, g.ln_weight, &[nf, c])?,
+        output(py, g.ln_bias, &[nf, c])?,
+        output(py, g.fc_weight, &[d.k, c])?,
+        output(py, g.fc_bias, &[d.k])?,
+    ])
+}
+
+fn vote_t<'py, T: Element + Float>(
+    x: &Bound<'py, PyAny>,
+    cfg: &Config,
+    ln_weight: &Bound<'py, PyAny>,
+    ln_bias: &Bound<'py, PyAny>,
+    fc_weight: &Bound<'py, PyAny>,
+    fc_bias: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = x.py();
+    let xa = input::<T>(x, "x")?;
+    let (n, c, hw) = input_dims(xa.shape())?;
+    let call = Call::<T>::read(cfg, c, ln_weight, ln_bias, fc_weight, fc_bias)?;
+    let d = Dims { n, c, hw, k: call.k };
+    let (xs, p) = (xa.slice(), call.params());
+    let scores = compute(py, || ffc::vote(cfg, d, xs, &p))?.map_err(to_py_err)?;
+    output(py, scores, &[n, d.k])
+}
+
+#[pymethods]
+impl Ffc {
+    #[new]
+    #[pyo3(signature = (num_filters = 3, combine = "paper", eps = 1e-5))]
+    fn new(num_filters: i64, combine: &str, eps: f64) -> PyResult<Self> {
+        if num_filters < 1 {
+            return Err(PyValueError::new_err(format!("num_filters: expected an integer >= 1, got {num_filters}")));
+        }
+        let cfg = Config::new(num_filters as usize, Combine::parse(combine).map_err(to_py_err)?, eps)
+            .map_err(to_py_err)?;
+        Ok(Ffc { cfg })
+    }
+
+    #[getter]
+    fn num_filters(&self) -> usize {
+        self.cfg.num_filters
+    }
+    #[getter]
+    fn combine(&self) -> &'static str {
+        match self.cfg.combine {
+            Combine::Paper => "paper",
+            Combine::Plain => "plain",
+        }
+    }
+    #[getter]
+    fn eps(&self) -> f64 {
+        self.cfg.eps
+    }
+    /// J, the number of classifier outputs (2L+1 for "paper", L+1 for "plain").
+    #[getter]
+    fn num_outputs(&self) -> usize {
+        self.cfg.num_outputs()
+    }
+    /// The weights `a_l` with `mean_j g_j = Σ_l a_l f_l` (the ensemble's linearity).
+    fn ensemble_coeffs(&self) -> Vec<f64> {
+        self.cfg.ensemble_coeffs()
+    }
+
+    fn __repr__(&self) -> String {
+        format!("FFC(num_filters={}, combine='{}', eps={})", self.cfg.num_filters, self.combine(), self.cfg.eps)
+    }
+
+    /// Forward. Returns `(out, feats, mean, rstd)`: `out` is `[N, K]` (ensemble: the
+    /// mean logits) or `[J, N, K]` (all); the others are what `backward` needs.
+    #[pyo3(signature = (x, ln_weight, ln_bias, fc_weight, fc_bias, outputs = "ensemble"))]
+    fn forward<'py>(
+        &self,
+        x: &Bound<'py, PyAny>,
+        ln_weight: &Bound<'py, PyAny>,
+        ln_bias: &Bound<'py, PyAny>,
+        fc_weight: &Bound<'py, PyAny>,
+        fc_bias: &Bound<'py, PyAny>,
+        outputs: &str,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let outputs = Outputs::parse(outputs).map_err(to_py_err)?;
+        dispatch!(x, "x", forward_t(&self.cfg, ln_weight, ln_bias, fc_weight, fc_bias, outputs))
+    }
+
+    /// Backward. Returns `(grad_x, grad_ln_weight, grad_ln_bias, grad_fc_weight,
+    /// grad_fc_bias)`. `grad_x` is `[N, C]`: for a 4-d input of `hw = H*W` it is the
+    /// gradient on every pixel of each plane (broadcast it over `H×W`).
+    #[pyo3(signature = (grad_out, feats, mean, rstd, ln_weight, ln_bias, fc_weight, fc_bias, hw = 1, outputs = "ensemble"))]
+    #[allow(clippy::too_many_arguments)]
+    fn backward<'py>(
+        &self,
+        grad_out: &Bound<'py, PyAny>,
+        feats: &Bound<'py, PyAny>,
+        mean: &Bound<'py, PyAny>,
+        rstd: &Bound<'py, PyAny>,
+        ln_weight: &Bound<'py, PyAny>,
+        ln_bias: &Bound<'py, PyAny>,
+        fc_weight: &Bound<'py, PyAny>,
+        fc_bias: &Bound<'py, PyAny>,
+        hw: usize,
+        outputs: &str,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let outputs = Outputs::parse(outputs).map_err(to_py_err)?;
+        dispatch!(grad_out, "grad_out", backward_t(&self.cfg, feats, mean, rstd, ln_weight, ln_bias, fc_weight, fc_bias, hw, outputs))
+    }
+
+    /// Eval-mode voting: a `[N, K]` score whose row-wise argmax is the voted class:
+    /// `votes[k] + 0.5 * (highest softmax probability among the outputs voting k)`.
+    #[pyo3(signature = (x, ln_weight, ln_bias, fc_weight, fc_bias))]
+    fn vote<'py>(
+        &self,
+        x: &Bound<'py, PyAny>,
+        ln_weight: &Bound<'py, PyAny>,
+        ln_bias: &Bound<'py, PyAny>,
+        fc_weight: &Bound<'py, PyAny>,
+        fc_bias: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        dispatch!(x, "x", vote_t(&self.cfg, ln_weight, ln_bias, fc_weight, fc_bias))
+    }
+}

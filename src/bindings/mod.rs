@@ -1,0 +1,90 @@
+//! `cnnboost._core`: the PyO3 layer. One file per module over the shared pieces here
+//! and in `array.rs`: argument conversion (NumPy and DLPack, no copies), the mapping
+//! of kernel errors and panics onto Python exceptions, and the thread pool the
+//! kernels run in with the GIL released.
+
+mod array;
+mod ffc;
+
+use crate::kernels;
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use rayon::{ThreadPool, ThreadPoolBuilder};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, RwLock};
+
+/// The pool every kernel runs in: rayon's global pool cannot be resized, and users
+/// need to match it to `torch.get_num_threads()` to avoid oversubscription.
+static POOL: RwLock<Option<Arc<ThreadPool>>> = RwLock::new(None);
+
+fn build_pool(threads: usize) -> PyResult<Arc<ThreadPool>> {
+    ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("cnnboost-{i}"))
+        .build()
+        .map(Arc::new)
+        .map_err(|e| PyRuntimeError::new_err(format!("cnnboost: could not start {threads} threads: {e}")))
+}
+
+fn pool() -> PyResult<Arc<ThreadPool>> {
+    if let Some(p) = POOL.read().ok().and_then(|g| g.clone()) {
+        return Ok(p);
+    }
+    let mut guard = POOL.write().map_err(|_| PyRuntimeError::new_err("cnnboost: thread pool lock poisoned"))?;
+    if guard.is_none() {
+        let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        *guard = Some(build_pool(n)?);
+    }
+    Ok(guard.clone().expect("pool was just set"))
+}
+
+/// Runs a kernel with the GIL released, inside cnnboost's pool; a panic (a bug, never
+/// expected) becomes a `RuntimeError` instead of crossing the FFI boundary.
+pub(crate) fn compute<R: Send>(py: Python<'_>, f: impl FnOnce() -> R + Send) -> PyResult<R> {
+    let pool = pool()?;
+    py.detach(move || pool.install(|| catch_unwind(AssertUnwindSafe(f)))).map_err(|panic| {
+        let msg = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        PyRuntimeError::new_err(format!("cnnboost internal error (please report it): {msg}"))
+    })
+}
+
+/// Kernel errors as Python exceptions: wrong element types are `TypeError`s, every
+/// other bad argument a `ValueError`.
+pub(crate) fn to_py_err(e: kernels::Error) -> PyErr {
+    match e.kind {
+        kernels::error::ErrorKind::Type => PyTypeError::new_err(e.to_string()),
+        _ => PyValueError::new_err(e.to_string()),
+    }
+}
+
+/// Sets the number of threads the kernels use (default: the number of CPUs).
+#[pyfunction]
+fn set_num_threads(num_threads: i64) -> PyResult<()> {
+    if num_threads < 1 {
+        return Err(PyValueError::new_err(format!(
+            "num_threads: expected an integer >= 1, got {num_threads}"
+        )));
+    }
+    let p = build_pool(num_threads as usize)?;
+    *POOL.write().map_err(|_| PyRuntimeError::new_err("cnnboost: thread pool lock poisoned"))? = Some(p);
+    Ok(())
+}
+
+/// The number of threads the kernels use.
+#[pyfunction]
+fn get_num_threads() -> PyResult<usize> {
+    Ok(pool()?.current_num_threads())
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_class::<ffc::Ffc>()?;
+    Ok(())
+}
