@@ -1,0 +1,105 @@
+"""One harness for every module's tests: build a fast module and its reference twin
+with the same (randomised) state, run both on the same inputs, and compare outputs,
+input gradients, parameter gradients and buffers."""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+TOL = {torch.float32: dict(rtol=2e-4, atol=2e-5), torch.float64: dict(rtol=1e-9, atol=1e-10)}
+
+
+def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Moves every floating parameter and buffer off its default (LayerNorm/BN weights
+    of 1 and biases of 0 hide bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * 0.5
+                    + (1.0 if name.endswith("weight") and p.dim() == 1 else 0.0))
+        for name, b in module.named_buffers():
+            if name.endswith("running_var"):
+                b.copy_(torch.rand(b.shape, generator=g, dtype=torch.float64).to(b.dtype) + 0.5)
+            elif name.endswith("running_mean"):
+                b.copy_(torch.randn(b.shape, generator=g, dtype=torch.float64).to(b.dtype) * 0.3)
+    return module
+
+
+def twins(fast_cls, ref_cls, *args, dtype=torch.float32, seed=0, **kwargs):
+    """(fast, reference) with identical randomised state."""
+    fast = randomize_(fast_cls(*args, **kwargs).to(dtype), seed)
+    ref = ref_cls(*args, **kwargs).to(dtype)
+    ref.load_state_dict(fast.state_dict())
+    return fast, ref
+
+
+def assert_close(actual, expected, dtype, what):
+    torch.testing.assert_close(actual, expected, **TOL[dtype], msg=lambda m: f"{what}: {m}")
+
+
+def _leaves(inputs):
+    return [t for t in inputs if isinstance(t, torch.Tensor)]
+
+
+def compare(
+    fast: nn.Module,
+    ref: nn.Module,
+    make_inputs: Callable[[], Sequence[torch.Tensor]],
+    *,
+    train: bool,
+    call: Callable = lambda m, inputs: m(*inputs),
+    backward: bool = True,
+):
+    """Runs both modules on equal fresh inputs and compares every result."""
+    dtype = next(fast.parameters()).dtype
+    fast.train(train)
+    ref.train(train)
+    inputs_f = make_inputs()
+    inputs_r = [t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
+                for t in inputs_f]
+    out_f = call(fast, inputs_f)
+    out_r = call(ref, inputs_r)
+    assert out_f.shape == out_r.shape
+    assert out_f.dtype == out_r.dtype
+    assert_close(out_f, out_r, dtype, "output")
+    for (name, b_f), (_, b_r) in zip(fast.named_buffers(), ref.named_buffers()):
+        if b_f.is_floating_point():
+            assert_close(b_f, b_r, dtype, f"buffer {name}")
+        else:
+            assert torch.equal(b_f, b_r), f"buffer {name}: {b_f} != {b_r}"
+    if not backward or not out_f.requires_grad:
+        return out_f, out_r
+    weight = torch.randn(out_f.shape, dtype=dtype)
+    (out_f * weight).sum().backward()
+    (out_r * weight).sum().backward()
+    for i, (a, b) in enumerate(zip(_leaves(inputs_f), _leaves(inputs_r))):
+        if b.requires_grad:
+            assert_close(a.grad, b.grad, dtype, f"grad of input {i}")
+    for (name, p_f), (_, p_r) in zip(fast.named_parameters(), ref.named_parameters()):
+        assert_close(p_f.grad, p_r.grad, dtype, f"grad of {name}")
+    return out_f, out_r
+
+
+def state_of(module: nn.Module) -> dict:
+    """A deep copy of parameters, buffers and grads, to check a failed call changed nothing."""
+    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    state.update({f"{k}.grad": p.grad.clone() for k, p in module.named_parameters() if p.grad is not None})
+    return state
+
+
+def assert_unchanged(module: nn.Module, before: dict):
+    after = state_of(module)
+    assert after.keys() == before.keys()
+    for k in before:
+        assert torch.equal(after[k], before[k]), f"{k} changed on a failed call"
+
+
+def deepcopy_equal(module: nn.Module):
+    clone = copy.deepcopy(module)
+    for (k, a), (_, b) in zip(module.state_dict().items(), clone.state_dict().items()):
+        assert torch.equal(a, b), k
+    return clone
