@@ -13,6 +13,7 @@ pub mod error;
 pub mod ffc;
 pub mod gemm;
 pub mod pool;
+pub mod ssm;
 
 pub use error::{Error, Result};
 
