@@ -9,8 +9,8 @@
 use crate::kernels::Float;
 use numpy::ndarray::{ArrayD, IxDyn};
 use numpy::{
-    Element, IntoPyArray, PyArrayDescrMethods, PyArrayMethods, PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArray,
-    PyUntypedArrayMethods,
+    Element, IntoPyArray, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn,
+    PyUntypedArray, PyUntypedArrayMethods,
 };
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -151,7 +151,11 @@ pub fn fmt_shape(s: &[usize]) -> String {
 }
 
 /// A kernel's result as a NumPy array of the given shape, without a copy.
-pub fn output<'py, T: Element>(py: Python<'py>, data: Vec<T>, shape: &[usize]) -> PyResult<Bound<'py, PyAny>> {
+pub fn output<'py, T: Element>(
+    py: Python<'py>,
+    data: Vec<T>,
+    shape: &[usize],
+) -> PyResult<Bound<'py, PyAny>> {
     let arr = ArrayD::from_shape_vec(IxDyn(shape), data)
         .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(format!("cnnboost internal error: {e}")))?;
     Ok(arr.into_pyarray(py).into_any())

@@ -50,7 +50,12 @@ impl<'py, T: Element + Float> Call<'py, T> {
         Ok(Call { lw, lb, fw, fb, k })
     }
     fn params(&self) -> Params<'_, T> {
-        Params { ln_weight: self.lw.slice(), ln_bias: self.lb.slice(), fc_weight: self.fw.slice(), fc_bias: self.fb.slice() }
+        Params {
+            ln_weight: self.lw.slice(),
+            ln_bias: self.lb.slice(),
+            fc_weight: self.fw.slice(),
+            fc_bias: self.fb.slice(),
+        }
     }
 }
 
@@ -58,7 +63,9 @@ impl<'py, T: Element + Float> Call<'py, T> {
 fn input_dims(shape: &[usize]) -> PyResult<(usize, usize, usize)> {
     match *shape {
         [n, c] => Ok((n, c, 1)),
-        [n, c, h, w] => Ok((n, c, h.checked_mul(w).ok_or_else(|| PyValueError::new_err("x: H*W overflows"))?)),
+        [n, c, h, w] => {
+            Ok((n, c, h.checked_mul(w).ok_or_else(|| PyValueError::new_err("x: H*W overflows"))?))
+        }
         _ => Err(PyValueError::new_err(format!(
             "x: expected a 2-d [N, C] or 4-d [N, C, H, W] array, got shape {}",
             fmt_shape(shape)
@@ -98,12 +105,15 @@ fn forward_t<'py, T: Element + Float>(
         Outputs::All => vec![cfg.num_outputs(), n, d.k],
     };
     let nf = cfg.num_filters;
-    tuple(py, vec![
-        output(py, out, &out_shape)?,
-        output(py, saved.feats, &[n, nf + 1, c])?,
-        output(py, saved.mean, &[n, nf])?,
-        output(py, saved.rstd, &[n, nf])?,
-    ])
+    tuple(
+        py,
+        vec![
+            output(py, out, &out_shape)?,
+            output(py, saved.feats, &[n, nf + 1, c])?,
+            output(py, saved.mean, &[n, nf])?,
+            output(py, saved.rstd, &[n, nf])?,
+        ],
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -144,13 +154,16 @@ fn backward_t<'py, T: Element + Float>(
     let saved = SavedRef { feats: fs.slice(), mean: mu.slice(), rstd: rs.slice() };
     let (gos, p) = (go.slice(), call.params());
     let g = compute(py, || ffc::backward(cfg, d, gos, &p, saved, outputs))?.map_err(to_py_err)?;
-    tuple(py, vec![
-        output(py, g.x, &[n, c])?,
-        output(py, g.ln_weight, &[nf, c])?,
-        output(py, g.ln_bias, &[nf, c])?,
-        output(py, g.fc_weight, &[d.k, c])?,
-        output(py, g.fc_bias, &[d.k])?,
-    ])
+    tuple(
+        py,
+        vec![
+            output(py, g.x, &[n, c])?,
+            output(py, g.ln_weight, &[nf, c])?,
+            output(py, g.ln_bias, &[nf, c])?,
+            output(py, g.fc_weight, &[d.k, c])?,
+            output(py, g.fc_bias, &[d.k])?,
+        ],
+    )
 }
 
 fn vote_t<'py, T: Element + Float>(
@@ -177,7 +190,9 @@ impl Ffc {
     #[pyo3(signature = (num_filters = 3, combine = "paper", eps = 1e-5))]
     fn new(num_filters: i64, combine: &str, eps: f64) -> PyResult<Self> {
         if num_filters < 1 {
-            return Err(PyValueError::new_err(format!("num_filters: expected an integer >= 1, got {num_filters}")));
+            return Err(PyValueError::new_err(format!(
+                "num_filters: expected an integer >= 1, got {num_filters}"
+            )));
         }
         let cfg = Config::new(num_filters as usize, Combine::parse(combine).map_err(to_py_err)?, eps)
             .map_err(to_py_err)?;
@@ -210,7 +225,12 @@ impl Ffc {
     }
 
     fn __repr__(&self) -> String {
-        format!("FFC(num_filters={}, combine='{}', eps={})", self.cfg.num_filters, self.combine(), self.cfg.eps)
+        format!(
+            "FFC(num_filters={}, combine='{}', eps={})",
+            self.cfg.num_filters,
+            self.combine(),
+            self.cfg.eps
+        )
     }
 
     /// Forward. Returns `(out, feats, mean, rstd)`: `out` is `[N, K]` (ensemble: the
@@ -248,7 +268,11 @@ impl Ffc {
         outputs: &str,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let outputs = Outputs::parse(outputs).map_err(to_py_err)?;
-        dispatch!(grad_out, "grad_out", backward_t(&self.cfg, feats, mean, rstd, ln_weight, ln_bias, fc_weight, fc_bias, hw, outputs))
+        dispatch!(
+            grad_out,
+            "grad_out",
+            backward_t(&self.cfg, feats, mean, rstd, ln_weight, ln_bias, fc_weight, fc_bias, hw, outputs)
+        )
     }
 
     /// Eval-mode voting: a `[N, K]` score whose row-wise argmax is the voted class:

@@ -30,7 +30,8 @@ fn pool() -> PyResult<Arc<ThreadPool>> {
     if let Some(p) = POOL.read().ok().and_then(|g| g.clone()) {
         return Ok(p);
     }
-    let mut guard = POOL.write().map_err(|_| PyRuntimeError::new_err("cnnboost: thread pool lock poisoned"))?;
+    let mut guard =
+        POOL.write().map_err(|_| PyRuntimeError::new_err("cnnboost: thread pool lock poisoned"))?;
     if guard.is_none() {
         let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         *guard = Some(build_pool(n)?);

@@ -22,12 +22,9 @@ pub struct BatchStats<T> {
     pub var_unbiased: Vec<T>,
 }
 
-/// Per-column sums over rows of `f(row_index, column_value_index)`, in f64.
-fn column_sums<T: Float>(
-    n: usize,
-    c: usize,
-    f: impl Fn(usize, usize) -> f64 + Sync,
-) -> Vec<f64> {
+/// Per-column sums over rows of `f(row, column)`, in f64, over fixed column blocks
+/// (so the result does not depend on the thread count).
+pub fn column_sums(n: usize, c: usize, f: impl Fn(usize, usize) -> f64 + Sync) -> Vec<f64> {
     let mut out = vec![0.0f64; c];
     out.par_chunks_mut(COL_BLOCK).enumerate().for_each(|(b, acc)| {
         let j0 = b * COL_BLOCK;
@@ -43,9 +40,9 @@ fn column_sums<T: Float>(
 /// Batch mean, inverse standard deviation and unbiased variance of each column.
 pub fn batch_stats<T: Float>(x: &[T], n: usize, c: usize, ld: usize, eps: f64) -> BatchStats<T> {
     let inv_n = 1.0 / n.max(1) as f64;
-    let mean = column_sums::<T>(n, c, |i, j| x[i * ld + j].as_f64());
+    let mean = column_sums(n, c, |i, j| x[i * ld + j].as_f64());
     let mean: Vec<f64> = mean.into_iter().map(|s| s * inv_n).collect();
-    let ssd = column_sums::<T>(n, c, |i, j| {
+    let ssd = column_sums(n, c, |i, j| {
         let d = x[i * ld + j].as_f64() - mean[j];
         d * d
     });
@@ -116,8 +113,8 @@ pub fn backward<T: Float>(
     training: bool,
 ) -> BatchNormGrads<T> {
     let xhat = |i: usize, j: usize| (x[i * ld + j].as_f64() - mean[j].as_f64()) * invstd[j].as_f64();
-    let dbeta = column_sums::<T>(n, c, |i, j| dy[i * c + j].as_f64());
-    let dgamma = column_sums::<T>(n, c, |i, j| dy[i * c + j].as_f64() * xhat(i, j));
+    let dbeta = column_sums(n, c, |i, j| dy[i * c + j].as_f64());
+    let dgamma = column_sums(n, c, |i, j| dy[i * c + j].as_f64() * xhat(i, j));
     let mut dx = vec![T::zero(); n * c];
     if c > 0 {
         let inv_n = 1.0 / n.max(1) as f64;
@@ -178,7 +175,11 @@ mod tests {
                 let down = loss(&x, n, c, ld, &g, &b, &w);
                 x[k] += h;
                 let fd = (up - down) / (2.0 * h);
-                assert!((fd - grads.dx[i * c + j]).abs() < 1e-5, "dx[{i},{j}] {fd} vs {}", grads.dx[i * c + j]);
+                assert!(
+                    (fd - grads.dx[i * c + j]).abs() < 1e-5,
+                    "dx[{i},{j}] {fd} vs {}",
+                    grads.dx[i * c + j]
+                );
             }
         }
         let dbeta: f64 = (0..n).map(|i| w[i * c + 1]).sum();

@@ -20,7 +20,7 @@
 
 use super::gemm::{matmul, Mat};
 use super::pool::global_avg_pool;
-use super::{check_len, checked_numel, Error, Float, Result};
+use super::{check_len, checked_numel, column_totals, Error, Float, Result};
 use rayon::prelude::*;
 use std::borrow::Cow;
 
@@ -512,13 +512,7 @@ pub fn backward<T: Float>(
 
 /// `acc[j] += Σ_i m[i][j]` over the rows of a row-major matrix with `cols` columns.
 fn sum_rows<T: Float>(m: &[T], cols: usize, acc: &mut [T]) {
-    let mut s = vec![0.0f64; cols];
-    for row in m.chunks_exact(cols) {
-        for (a, &v) in s.iter_mut().zip(row) {
-            *a += v.as_f64();
-        }
-    }
-    for (a, v) in acc.iter_mut().zip(s) {
+    for (a, v) in acc.iter_mut().zip(column_totals(m, cols)) {
         *a = *a + T::of(v);
     }
 }
@@ -578,15 +572,22 @@ mod tests {
                     let m = prev.iter().sum::<f64>() / c as f64;
                     let v = prev.iter().map(|a| (a - m) * (a - m)).sum::<f64>() / c as f64;
                     let next = (0..c)
-                        .map(|j| ((prev[j] - m) / (v + 1e-5).sqrt() * self.lw[l * c + j] + self.lb[l * c + j]).max(0.0))
+                        .map(|j| {
+                            ((prev[j] - m) / (v + 1e-5).sqrt() * self.lw[l * c + j] + self.lb[l * c + j])
+                                .max(0.0)
+                        })
                         .collect();
                     f.push(next);
                 }
                 let g: Vec<Vec<f64>> = match self.cfg.combine {
                     Combine::Plain => f.clone(),
                     Combine::Paper => (0..2 * nf + 1)
-                        .map(|j| if j % 2 == 0 { f[j / 2].clone() } else {
-                            (0..c).map(|q| 0.5 * (f[j / 2][q] + f[j / 2 + 1][q])).collect()
+                        .map(|j| {
+                            if j % 2 == 0 {
+                                f[j / 2].clone()
+                            } else {
+                                (0..c).map(|q| 0.5 * (f[j / 2][q] + f[j / 2 + 1][q])).collect()
+                            }
                         })
                         .collect(),
                 };
@@ -595,7 +596,8 @@ mod tests {
                         outs.push(vec![0.0; n * k]);
                     }
                     for o in 0..k {
-                        outs[j][i * k + o] = self.fb[o] + (0..c).map(|q| self.fw[o * c + q] * gj[q]).sum::<f64>();
+                        outs[j][i * k + o] =
+                            self.fb[o] + (0..c).map(|q| self.fw[o * c + q] * gj[q]).sum::<f64>();
                     }
                 }
             }
@@ -638,7 +640,11 @@ mod tests {
 
     #[test]
     fn backward_matches_finite_differences() {
-        for (outputs, combine) in [(Outputs::Ensemble, Combine::Paper), (Outputs::All, Combine::Paper), (Outputs::All, Combine::Plain)] {
+        for (outputs, combine) in [
+            (Outputs::Ensemble, Combine::Paper),
+            (Outputs::All, Combine::Paper),
+            (Outputs::All, Combine::Plain),
+        ] {
             let d = dims(4, 6, 3, 5);
             let mut case = Case::new(7, 3, combine, d);
             let j = if outputs == Outputs::All { case.cfg.num_outputs() } else { 1 };
@@ -656,7 +662,11 @@ mod tests {
                         case.$field[q] += h;
                         let fd = (up - down) / (2.0 * h);
                         let an = $grad[$per(q)];
-                        assert!((fd - an).abs() < 1e-6 * (1.0 + fd.abs()), "{} [{q}]: {fd} vs {an}", stringify!($field));
+                        assert!(
+                            (fd - an).abs() < 1e-6 * (1.0 + fd.abs()),
+                            "{} [{q}]: {fd} vs {an}",
+                            stringify!($field)
+                        );
                     }
                 };
             }
@@ -720,7 +730,8 @@ mod tests {
         assert!(Config::new(0, Combine::Paper, 1e-5).is_err());
         assert!(Combine::parse("mean").is_err());
         let (_, saved) = forward(&case.cfg, case.d, &case.x, &case.params(), Outputs::All).unwrap();
-        let e = backward(&case.cfg, case.d, &[0.0; 6], &case.params(), saved.view(), Outputs::All).unwrap_err();
+        let e =
+            backward(&case.cfg, case.d, &[0.0; 6], &case.params(), saved.view(), Outputs::All).unwrap_err();
         assert_eq!(e.arg, "grad_out");
     }
 

@@ -20,9 +20,7 @@ pub use error::{Error, Result};
 use std::fmt::Debug;
 
 /// The element types the kernels are instantiated for.
-pub trait Float:
-    num_traits::Float + Copy + Default + Debug + Send + Sync + std::iter::Sum + 'static
-{
+pub trait Float: num_traits::Float + Copy + Default + Debug + Send + Sync + std::iter::Sum + 'static {
     /// The NumPy/torch name of the type, for error messages.
     const NAME: &'static str;
     fn of(v: f64) -> Self;
@@ -55,9 +53,9 @@ impl Float for f64 {
 
 /// Product of sizes with overflow checking, for shapes that come from callers.
 pub fn checked_numel(arg: &str, dims: &[usize]) -> Result<usize> {
-    dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(|| {
-        Error::value(arg, "a shape whose element count fits in memory", format!("{dims:?}"))
-    })
+    dims.iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| Error::value(arg, "a shape whose element count fits in memory", format!("{dims:?}")))
 }
 
 /// Checks that `data` holds exactly `dims` elements.
@@ -71,4 +69,19 @@ pub fn check_len<T>(arg: &str, data: &[T], dims: &[usize]) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Per-column totals of a row-major matrix with `cols` columns, in f64 (bias
+/// gradients: the sum of the output gradient over the batch).
+pub fn column_totals<T: Float>(m: &[T], cols: usize) -> Vec<f64> {
+    let mut acc = vec![0.0f64; cols];
+    if cols == 0 {
+        return acc;
+    }
+    for row in m.chunks_exact(cols) {
+        for (a, &v) in acc.iter_mut().zip(row) {
+            *a += v.as_f64();
+        }
+    }
+    acc
 }

@@ -51,7 +51,7 @@ use rayon::prelude::*;
 
 use super::batchnorm;
 use super::gemm::{matmul, Mat};
-use super::{check_len, checked_numel, Error, Float, Result};
+use super::{check_len, checked_numel, column_totals, Error, Float, Result};
 
 /// The parameters and running statistics of one head's `BatchNorm1d`, each
 /// `[(h+1)·n]`.
@@ -318,13 +318,7 @@ fn activation<T: Float>(d: &Dims, x: &[T], h: usize, bn: &BnParams<T>, mean: &[T
 
 /// Per-column sums of a row-major `[rows, cols]` matrix, in f64, times `scale`.
 fn column_sums<T: Float>(m: &[T], cols: usize, scale: f64) -> Vec<T> {
-    let mut acc = vec![0.0f64; cols];
-    for row in m.chunks_exact(cols) {
-        for (a, &v) in acc.iter_mut().zip(row) {
-            *a += v.as_f64();
-        }
-    }
-    acc.into_iter().map(|s| T::of(s * scale)).collect()
+    column_totals(m, cols).into_iter().map(|s| T::of(s * scale)).collect()
 }
 
 /// The SSM forward. `x` is `[n, c]` row-major; `heads` has `cfg.num_heads` entries,
