@@ -172,9 +172,10 @@ class FFC(nn.Module):
     * eval with ``eval_ensemble="vote"`` (default): a ``[N, K]`` score whose argmax is
       the voted class. Each output votes for its argmax; most votes wins; on a tie, the
       tied class backed by the single most confident output (highest softmax
-      probability) wins. The score is ``votes[k] + 0.5 * max_conf[k]``, where
-      ``max_conf[k]`` is the highest softmax probability among the outputs that voted
-      ``k`` (0 if none). It is not differentiable (``requires_grad`` is False);
+      probability) wins. The score is ``votes[k]``, plus ``0.5 * max_conf[k]`` for the
+      classes tied for the most votes when there is a tie, where ``max_conf[k]`` is
+      the highest softmax probability among the outputs that voted ``k``. It is not
+      differentiable (``requires_grad`` is False);
     * ``outputs="all"`` (train or eval): the stacked ``[J, N, K]`` logits of every
       output, differentiable, for per-output losses.
 

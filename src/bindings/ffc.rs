@@ -276,7 +276,8 @@ impl Ffc {
     }
 
     /// Eval-mode voting: a `[N, K]` score whose row-wise argmax is the voted class:
-    /// `votes[k] + 0.5 * (highest softmax probability among the outputs voting k)`.
+    /// `votes[k]`, plus `0.5 *` the highest softmax probability among the outputs
+    /// voting `k` for the classes tied for the most votes, when there is a tie.
     #[pyo3(signature = (x, ln_weight, ln_bias, fc_weight, fc_bias))]
     fn vote<'py>(
         &self,

@@ -205,11 +205,25 @@ fn pooled<T: Float>(x: &[T], hw: usize) -> Cow<'_, [T]> {
     }
 }
 
-/// Mean and `1/sqrt(var + eps)` of one row, two-pass in f64.
+/// Mean and `1/sqrt(var + eps)` of one row, in one pass of f64 sums (f64 keeps
+/// `E[x²] - E[x]²` exact enough for any feature a network produces).
 fn row_stats<T: Float>(row: &[T], eps: f64) -> (f64, f64) {
+    let (mut s, mut q) = ([0.0f64; 4], [0.0f64; 4]);
+    let mut chunks = row.chunks_exact(4);
+    for ch in &mut chunks {
+        for i in 0..4 {
+            let v = ch[i].as_f64();
+            s[i] += v;
+            q[i] += v * v;
+        }
+    }
+    for &v in chunks.remainder() {
+        s[0] += v.as_f64();
+        q[0] += v.as_f64() * v.as_f64();
+    }
     let inv_c = 1.0 / row.len() as f64;
-    let mean = row.iter().map(|v| v.as_f64()).sum::<f64>() * inv_c;
-    let var = row.iter().map(|v| (v.as_f64() - mean).powi(2)).sum::<f64>() * inv_c;
+    let mean = (s[0] + s[1] + s[2] + s[3]) * inv_c;
+    let var = ((q[0] + q[1] + q[2] + q[3]) * inv_c - mean * mean).max(0.0);
     (mean, 1.0 / (var + eps).sqrt())
 }
 
@@ -326,10 +340,11 @@ pub fn forward<T: Float>(
 ///
 /// Each of the J outputs votes for its argmax class; the class with the most votes
 /// wins; on a tie, the tied class backed by the single most confident output
-/// (highest softmax probability) wins. The score is
-/// `votes[k] + 0.5 · (highest softmax probability among the outputs voting k)`
-/// (0 for a class nobody voted for): votes dominate (the bonus is < 1), and among
-/// tied classes the most confident backing output decides.
+/// (highest softmax probability) wins. The score is `votes[k]`, plus, for the
+/// classes tied for the most votes when there is a tie, `0.5 ·` the highest softmax
+/// probability among the outputs voting for that class: votes dominate (the bonus is
+/// < 1), and the bonus decides between tied classes. Softmax is only computed for the
+/// outputs whose vote is tied at the top, which is rare: voting costs the L+1 products.
 pub fn vote<T: Float>(cfg: &Config, d: Dims, x: &[T], p: &Params<T>) -> Result<Vec<T>> {
     validate(cfg, d, x, p)?;
     let f0 = pooled(x, d.hw);
@@ -343,36 +358,55 @@ pub fn vote<T: Float>(cfg: &Config, d: Dims, x: &[T], p: &Params<T>) -> Result<V
         return Ok(scores);
     }
     scores.par_chunks_mut(k).zip(pl.par_chunks(lv * k)).for_each(|(score, prows)| {
-        let mut votes = vec![0u32; k];
-        let mut conf = vec![0.0f64; k];
-        let mut o = vec![0.0f64; k];
-        for t in &terms {
-            o.fill(0.0);
+        let output = |t: &[(usize, f64)], o: &mut Vec<f64>| {
+            o.clear();
+            o.resize(k, 0.0);
             for &(l, w) in t {
                 for (oi, &v) in o.iter_mut().zip(&prows[l * k..(l + 1) * k]) {
                     *oi += w * v.as_f64();
                 }
             }
-            // argmax (first maximum, NaN counts as largest as in torch.argmax)
-            let mut best = 0;
-            for (i, &v) in o.iter().enumerate() {
-                if v > o[best] || (v.is_nan() && !o[best].is_nan()) {
-                    best = i;
+        };
+        let mut o = Vec::with_capacity(k);
+        let mut winners = Vec::with_capacity(terms.len());
+        for t in &terms {
+            output(t, &mut o);
+            winners.push(argmax(&o));
+        }
+        let mut votes = vec![0u32; k];
+        for &w in &winners {
+            votes[w] += 1;
+        }
+        let top = *votes.iter().max().expect("k >= 1");
+        let mut bonus = vec![0.0f64; k];
+        if winners.iter().filter(|&&w| votes[w] == top).any(|&w| winners.iter().any(|&v| v != w && votes[v] == top)) {
+            for (t, &w) in terms.iter().zip(&winners) {
+                if votes[w] == top {
+                    output(t, &mut o);
+                    let m = o[w];
+                    let prob = 1.0 / o.iter().map(|&v| (v - m).exp()).sum::<f64>();
+                    if prob > bonus[w] || prob.is_nan() {
+                        bonus[w] = prob;
+                    }
                 }
             }
-            let m = o[best];
-            let z: f64 = o.iter().map(|&v| (v - m).exp()).sum();
-            let top_prob = 1.0 / z;
-            votes[best] += 1;
-            if top_prob > conf[best] || top_prob.is_nan() {
-                conf[best] = top_prob;
-            }
         }
-        for ((s, &v), &cf) in score.iter_mut().zip(&votes).zip(&conf) {
-            *s = T::of(v as f64 + 0.5 * cf);
+        for ((s, &v), &b) in score.iter_mut().zip(&votes).zip(&bonus) {
+            *s = T::of(v as f64 + 0.5 * b);
         }
     });
     Ok(scores)
+}
+
+/// The first index of the maximum; NaN counts as the largest, as in `torch.argmax`.
+fn argmax(o: &[f64]) -> usize {
+    let mut best = 0;
+    for (i, &v) in o.iter().enumerate() {
+        if v > o[best] || (v.is_nan() && !o[best].is_nan()) {
+            best = i;
+        }
+    }
+    best
 }
 
 /// Rows per task in the backward's reductions: fixed (not derived from the thread
@@ -704,7 +738,11 @@ mod tests {
             let srow = &scores[i * k..(i + 1) * k];
             let got = (0..k).fold(0, |b, q| if srow[q] > srow[b] { q } else { b });
             assert_eq!(Some(got), want, "sample {i}");
-            assert_eq!(srow[got].floor() as usize, top);
+            let tie = votes.iter().filter(|&&v| v == top).count() > 1;
+            for q in 0..k {
+                let bonus = if tie && votes[q] == top { 0.5 * best_conf[q] } else { 0.0 };
+                assert!((srow[q] - (votes[q] as f64 + bonus)).abs() < 1e-12, "score[{i}][{q}]");
+            }
         }
     }
 

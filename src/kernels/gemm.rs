@@ -42,10 +42,6 @@ impl<'a, T> Mat<'a, T> {
     }
 }
 
-/// Below this many multiply-adds a product runs on the calling thread: splitting it
-/// costs more than it saves.
-const PARALLEL_MIN_FLOPS: usize = 1 << 18;
-
 /// `dst = alpha · a · b  (+ dst if accumulate)`, where `dst` is row-major
 /// `a.rows × b.cols` with `dst_ld` elements per row.
 ///
@@ -68,8 +64,8 @@ pub fn matmul<T: Float>(dst: &mut [T], dst_ld: usize, a: Mat<T>, b: Mat<T>, alph
     }
     a.assert_in_bounds("lhs");
     b.assert_in_bounds("rhs");
-    let flops = m.saturating_mul(n).saturating_mul(k);
-    let parallelism = if flops >= PARALLEL_MIN_FLOPS && rayon::current_num_threads() > 1 {
+    // The gemm crate runs small products on one thread by itself.
+    let parallelism = if rayon::current_num_threads() > 1 {
         Parallelism::Rayon(rayon::current_num_threads())
     } else {
         Parallelism::None

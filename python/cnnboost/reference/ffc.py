@@ -8,17 +8,20 @@ from torch import Tensor, nn
 
 
 def vote_scores(outs: Tensor) -> Tensor:
-    """The FFC vote of ``[J, N, K]`` logits as a ``[N, K]`` score:
-    ``votes[k] + 0.5 * (highest softmax probability among the outputs voting k)``.
-    Its argmax is the class with most votes, ties going to the class backed by the
-    single most confident output."""
+    """The FFC vote of ``[J, N, K]`` logits as a ``[N, K]`` score: ``votes[k]``, plus,
+    when several classes tie for the most votes, ``0.5 *`` the highest softmax
+    probability among the outputs voting ``k`` for each tied class. Its argmax is the
+    class with most votes, ties going to the class backed by the single most
+    confident output."""
     j, n, k = outs.shape
     winners = outs.argmax(-1)  # [J, N]
     confidence = F.softmax(outs, dim=-1).amax(-1)  # [J, N]
     votes = F.one_hot(winners, k).sum(0).to(outs.dtype)  # [N, K]
     best = torch.zeros(n, k, dtype=outs.dtype, device=outs.device)
     best.scatter_reduce_(1, winners.t(), confidence.t(), reduce="amax", include_self=True)
-    return votes + 0.5 * best
+    top = votes == votes.amax(1, keepdim=True)
+    tied = top & (top.sum(1, keepdim=True) > 1)
+    return votes + 0.5 * best * tied
 
 
 class FFC(nn.Module):
