@@ -157,10 +157,11 @@ def test_numpy_only_core_matches_reference():
     lw, lb = 1 + 0.3 * rng.standard_normal((nf, c)), 0.2 * rng.standard_normal((nf, c))
     fw, fb = rng.standard_normal((k, c)), rng.standard_normal(k)
     core = _core.FFC(nf, "paper")
-    out, feats, mean, rstd = core.forward(x, lw, lb, fw, fb)
+    out, pooled = core.forward(x, lw, lb, fw, fb)
     assert isinstance(out, np.ndarray) and out.shape == (n, k) and out.dtype == np.float64
+    np.testing.assert_allclose(pooled, x.mean((2, 3)), rtol=1e-12)
     g = rng.standard_normal((n, k))
-    gx, glw, glb, gfw, gfb = core.backward(g, feats, mean, rstd, lw, lb, fw, fb, hw=4)
+    gx, glw, glb, gfw, gfb = core.backward(g, pooled, lw, lb, fw, fb, hw=4)
 
     ref = reference.FFC(c, k, nf, dtype=torch.float64)
     with torch.no_grad():
@@ -239,9 +240,10 @@ def test_bad_input_raises_and_changes_nothing(make, exc, words):
         (lambda c, a: c.forward(a["x"].astype(np.int32), a["lw"], a["lb"], a["fw"], a["fb"]), TypeError, ["x", "int32"]),
         (lambda c, a: c.forward("x", a["lw"], a["lb"], a["fw"], a["fb"]), TypeError, ["x", "str"]),
         (lambda c, a: c.forward(a["x"], a["lw"], a["lb"], a["fw"], a["fb"], outputs="every"), ValueError, ["outputs", "every"]),
-        (lambda c, a: c.backward(a["x"][:, :2], a["feats"], a["mean"], a["rstd"], a["lw"], a["lb"], a["fw"], a["fb"]), ValueError, ["grad_out", "(5, 3)"]),
-        (lambda c, a: c.backward(a["out"], a["feats"][:, :2], a["mean"], a["rstd"], a["lw"], a["lb"], a["fw"], a["fb"]), ValueError, ["feats", "(5, 4, 8)"]),
-        (lambda c, a: c.backward(a["out"], a["feats"], a["mean"], a["rstd"], a["lw"], a["lb"], a["fw"], a["fb"], hw=0), ValueError, ["hw"]),
+        (lambda c, a: c.backward(a["x"][:, :2], a["x"], a["lw"], a["lb"], a["fw"], a["fb"]), ValueError, ["grad_out", "(5, 3)"]),
+        (lambda c, a: c.backward(a["out"], a["x"][:, :2], a["lw"], a["lb"], a["fw"], a["fb"]), ValueError, ["ln_weight", "(3, 2)"]),
+        (lambda c, a: c.backward(a["out"], a["x"][0], a["lw"], a["lb"], a["fw"], a["fb"]), ValueError, ["pooled", "2-d", "(8,)"]),
+        (lambda c, a: c.backward(a["out"], a["x"], a["lw"], a["lb"], a["fw"], a["fb"], hw=0), ValueError, ["hw"]),
         (lambda c, a: _core.FFC(0), ValueError, ["num_filters"]),
         (lambda c, a: _core.FFC(2, "x"), ValueError, ["combine"]),
         (lambda c, a: _core.FFC(2, "plain", float("inf")), ValueError, ["eps"]),
@@ -252,7 +254,7 @@ def test_core_bad_arguments(call, exc, words):
     f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
     a = dict(x=f32(5, 8), lw=f32(3, 8), lb=f32(3, 8), fw=f32(3, 8), fb=f32(3))
     core = _core.FFC(3, "paper")
-    a["out"], a["feats"], a["mean"], a["rstd"] = core.forward(a["x"], a["lw"], a["lb"], a["fw"], a["fb"])
+    a["out"], _ = core.forward(a["x"], a["lw"], a["lb"], a["fw"], a["fb"])
     originals = {k: v.copy() for k, v in a.items()}
     with pytest.raises(exc) as info:
         call(core, a)

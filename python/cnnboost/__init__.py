@@ -8,11 +8,23 @@ thing the slow way (the tests compare against it). ``cnnboost._core`` holds the
 Rust kernels for NumPy arrays and needs no torch.
 
 Threads: the kernels run in a pool of their own, sized to the number of CPUs.
-``cnnboost.set_num_threads(n)`` resizes it; when torch is imported, keep it equal to
+``cnnboost.set_num_threads(n)`` resizes it; keep it equal to
 ``torch.get_num_threads()`` so the two do not oversubscribe the machine.
+
+OpenMP: after each parallel op, torch's OpenMP threads busy-wait for the next one
+(milliseconds), taking the cores from cnnboost's threads. With
+``OMP_WAIT_POLICY=PASSIVE`` they sleep instead; a cnnboost training step is then up
+to 1.5x faster. ``import cnnboost`` sets it (unless already set) when torch is not
+yet imported; otherwise export it before starting Python.
 """
 
 from __future__ import annotations
+
+import os as _os
+import sys as _sys
+
+if "torch" not in _sys.modules:
+    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import _core
 from ._core import get_num_threads, set_num_threads

@@ -42,10 +42,11 @@ def ffc_forward(
     combine: str,
     eps: float,
     all_outputs: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (logits, feats, mean, rstd); the last three are saved for backward."""
+) -> Tuple[Tensor, Tensor]:
+    """Returns (logits, pooled): pooled is the [N, C] average of a 4-d x, kept for the
+    backward (empty for a 2-d x, which is its own)."""
     k = _kernels(ln_weight.shape[0], combine, eps)
-    arrays = k.forward(
+    out, pooled = k.forward(
         to_numpy(x),
         to_numpy(ln_weight),
         to_numpy(ln_bias),
@@ -53,27 +54,20 @@ def ffc_forward(
         to_numpy(fc_bias),
         "all" if all_outputs else "ensemble",
     )
-    return tuple(from_numpy(a) for a in arrays)  # type: ignore[return-value]
+    return from_numpy(out), from_numpy(pooled)
 
 
 @ffc_forward.register_fake
 def _(x, ln_weight, ln_bias, fc_weight, fc_bias, combine, eps, all_outputs):
     n, c, nf, k = x.shape[0], x.shape[1], ln_weight.shape[0], fc_weight.shape[0]
     out_shape = (_num_outputs(nf, combine), n, k) if all_outputs else (n, k)
-    return (
-        x.new_empty(out_shape),
-        x.new_empty((n, nf + 1, c)),
-        x.new_empty((n, nf)),
-        x.new_empty((n, nf)),
-    )
+    return x.new_empty(out_shape), x.new_empty((n, c) if x.dim() == 4 else (0,))
 
 
 @torch.library.custom_op("cnnboost::ffc_backward", mutates_args=())
 def ffc_backward(
     grad_out: Tensor,
-    feats: Tensor,
-    mean: Tensor,
-    rstd: Tensor,
+    pooled: Tensor,
     ln_weight: Tensor,
     ln_bias: Tensor,
     fc_weight: Tensor,
@@ -84,13 +78,11 @@ def ffc_backward(
     all_outputs: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (grad_x per plane [N, C], grad_ln_weight, grad_ln_bias, grad_fc_weight,
-    grad_fc_bias)."""
+    grad_fc_bias); the filter chain is recomputed from the pooled [N, C] input."""
     k = _kernels(ln_weight.shape[0], combine, eps)
     arrays = k.backward(
         to_numpy(grad_out),
-        to_numpy(feats),
-        to_numpy(mean),
-        to_numpy(rstd),
+        to_numpy(pooled),
         to_numpy(ln_weight),
         to_numpy(ln_bias),
         to_numpy(fc_weight),
@@ -102,10 +94,9 @@ def ffc_backward(
 
 
 @ffc_backward.register_fake
-def _(grad_out, feats, mean, rstd, ln_weight, ln_bias, fc_weight, fc_bias, hw, combine, eps, all_outputs):
-    n, c = feats.shape[0], feats.shape[2]
+def _(grad_out, pooled, ln_weight, ln_bias, fc_weight, fc_bias, hw, combine, eps, all_outputs):
     return (
-        feats.new_empty((n, c)),
+        torch.empty_like(pooled),
         torch.empty_like(ln_weight),
         torch.empty_like(ln_bias),
         torch.empty_like(fc_weight),
@@ -115,21 +106,20 @@ def _(grad_out, feats, mean, rstd, ln_weight, ln_bias, fc_weight, fc_bias, hw, c
 
 def _setup_context(ctx, inputs, output):
     x, ln_weight, ln_bias, fc_weight, fc_bias, combine, eps, all_outputs = inputs
-    _, feats, mean, rstd = output
-    ctx.save_for_backward(feats, mean, rstd, ln_weight, ln_bias, fc_weight, fc_bias)
+    _, pooled = output
+    ctx.save_for_backward(x if x.dim() == 2 else pooled, ln_weight, ln_bias, fc_weight, fc_bias)
     ctx.x_shape = x.shape
     ctx.config = (combine, eps, all_outputs)
-    ctx.mark_non_differentiable(feats, mean, rstd)
+    ctx.mark_non_differentiable(pooled)
 
 
-def _backward(ctx, grad_out, _feats, _mean, _rstd):
-    feats, mean, rstd, ln_weight, ln_bias, fc_weight, fc_bias = ctx.saved_tensors
+def _backward(ctx, grad_out, _grad_pooled):
+    pooled, ln_weight, ln_bias, fc_weight, fc_bias = ctx.saved_tensors
     combine, eps, all_outputs = ctx.config
     shape = ctx.x_shape
     hw = shape[2] * shape[3] if len(shape) == 4 else 1
     gx, glw, glb, gfw, gfb = ffc_backward(
-        grad_out.contiguous(), feats, mean, rstd, ln_weight, ln_bias, fc_weight, fc_bias,
-        hw, combine, eps, all_outputs,
+        grad_out.contiguous(), pooled, ln_weight, ln_bias, fc_weight, fc_bias, hw, combine, eps, all_outputs
     )
     if len(shape) == 4:
         # Global average pooling gives every pixel of a plane the same gradient: a
@@ -238,7 +228,7 @@ class FFC(nn.Module):
                 x.detach(), ln_weight.detach(), ln_bias.detach(), self.fc.weight.detach(),
                 self.fc.bias.detach(), self.combine, self.eps,
             )
-        out, _, _, _ = ffc_forward(
+        out, _ = ffc_forward(
             x, ln_weight, ln_bias, self.fc.weight, self.fc.bias, self.combine, self.eps, self.outputs == "all"
         )
         return out

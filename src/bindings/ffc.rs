@@ -2,7 +2,8 @@
 
 use super::array::{dtype_of, expect_rank, expect_shape, fmt_shape, input, output, to_numpy, tuple, DType};
 use super::{compute, to_py_err};
-use crate::kernels::ffc::{self, Combine, Config, Dims, Outputs, Params, SavedRef};
+use crate::kernels::ffc::{self, Combine, Config, Dims, Outputs, Params};
+use crate::kernels::pool::global_avg_pool;
 use crate::kernels::Float;
 use numpy::Element;
 use pyo3::exceptions::PyValueError;
@@ -96,33 +97,34 @@ fn forward_t<'py, T: Element + Float>(
     let py = x.py();
     let xa = input::<T>(x, "x")?;
     let (n, c, hw) = input_dims(xa.shape())?;
+    let map = xa.shape().len() == 4;
     let call = Call::<T>::read(cfg, c, ln_weight, ln_bias, fc_weight, fc_bias)?;
-    let d = Dims { n, c, hw, k: call.k };
     let (xs, p) = (xa.slice(), call.params());
-    let (out, saved) = compute(py, || ffc::forward(cfg, d, xs, &p, outputs))?.map_err(to_py_err)?;
+    let d = Dims { n, c, hw: 1, k: call.k };
+    let (out, pooled) = compute(py, || {
+        // A 4-d input is pooled here, once: the backward reads the pooled features
+        // rather than the whole map.
+        let pooled = map.then(|| global_avg_pool(xs, hw));
+        let f0 = pooled.as_deref().unwrap_or(xs);
+        ffc::forward(cfg, d, f0, &p, outputs).map(|out| (out, pooled))
+    })?
+    .map_err(to_py_err)?;
     let out_shape = match outputs {
         Outputs::Ensemble => vec![n, d.k],
         Outputs::All => vec![cfg.num_outputs(), n, d.k],
     };
-    let nf = cfg.num_filters;
-    tuple(
-        py,
-        vec![
-            output(py, out, &out_shape)?,
-            output(py, saved.feats, &[n, nf + 1, c])?,
-            output(py, saved.mean, &[n, nf])?,
-            output(py, saved.rstd, &[n, nf])?,
-        ],
-    )
+    let pooled = match pooled {
+        Some(v) => output(py, v, &[n, c])?,
+        None => output(py, Vec::<T>::new(), &[0])?,
+    };
+    tuple(py, vec![output(py, out, &out_shape)?, pooled])
 }
 
 #[allow(clippy::too_many_arguments)]
 fn backward_t<'py, T: Element + Float>(
     grad_out: &Bound<'py, PyAny>,
     cfg: &Config,
-    feats: &Bound<'py, PyAny>,
-    mean: &Bound<'py, PyAny>,
-    rstd: &Bound<'py, PyAny>,
+    pooled: &Bound<'py, PyAny>,
     ln_weight: &Bound<'py, PyAny>,
     ln_bias: &Bound<'py, PyAny>,
     fc_weight: &Bound<'py, PyAny>,
@@ -132,14 +134,9 @@ fn backward_t<'py, T: Element + Float>(
 ) -> PyResult<Bound<'py, PyTuple>> {
     let py = grad_out.py();
     let nf = cfg.num_filters;
-    let fs = input::<T>(feats, "feats")?;
-    let fshape = expect_rank("feats", fs.shape(), 3, "[N, num_filters + 1, C]")?;
-    let (n, c) = (fshape[0], fshape[2]);
-    expect_shape("feats", fs.shape(), &[n, nf + 1, c])?;
-    let mu = input::<T>(mean, "mean")?;
-    expect_shape("mean", mu.shape(), &[n, nf])?;
-    let rs = input::<T>(rstd, "rstd")?;
-    expect_shape("rstd", rs.shape(), &[n, nf])?;
+    let f0 = input::<T>(pooled, "pooled")?;
+    let fshape = expect_rank("pooled", f0.shape(), 2, "[N, C]")?;
+    let (n, c) = (fshape[0], fshape[1]);
     let call = Call::<T>::read(cfg, c, ln_weight, ln_bias, fc_weight, fc_bias)?;
     let go = input::<T>(grad_out, "grad_out")?;
     let want = match outputs {
@@ -151,9 +148,8 @@ fn backward_t<'py, T: Element + Float>(
         return Err(PyValueError::new_err("hw: expected H*W >= 1, got 0"));
     }
     let d = Dims { n, c, hw, k: call.k };
-    let saved = SavedRef { feats: fs.slice(), mean: mu.slice(), rstd: rs.slice() };
-    let (gos, p) = (go.slice(), call.params());
-    let g = compute(py, || ffc::backward(cfg, d, gos, &p, saved, outputs))?.map_err(to_py_err)?;
+    let (gos, f0s, p) = (go.slice(), f0.slice(), call.params());
+    let g = compute(py, || ffc::backward(cfg, d, gos, &p, f0s, outputs))?.map_err(to_py_err)?;
     tuple(
         py,
         vec![
@@ -233,8 +229,10 @@ impl Ffc {
         )
     }
 
-    /// Forward. Returns `(out, feats, mean, rstd)`: `out` is `[N, K]` (ensemble: the
-    /// mean logits) or `[J, N, K]` (all); the others are what `backward` needs.
+    /// Forward. Returns `(out, pooled)`: `out` is `[N, K]` (ensemble: the mean
+    /// logits) or `[J, N, K]` (all); `pooled` is the pooled `[N, C]` features of a 4-d
+    /// `x` and empty for a 2-d `x`. `backward` takes the pooled features (a 2-d `x`
+    /// is its own).
     #[pyo3(signature = (x, ln_weight, ln_bias, fc_weight, fc_bias, outputs = "ensemble"))]
     fn forward<'py>(
         &self,
@@ -249,17 +247,17 @@ impl Ffc {
         dispatch!(x, "x", forward_t(&self.cfg, ln_weight, ln_bias, fc_weight, fc_bias, outputs))
     }
 
-    /// Backward. Returns `(grad_x, grad_ln_weight, grad_ln_bias, grad_fc_weight,
-    /// grad_fc_bias)`. `grad_x` is `[N, C]`: for a 4-d input of `hw = H*W` it is the
-    /// gradient on every pixel of each plane (broadcast it over `H×W`).
-    #[pyo3(signature = (grad_out, feats, mean, rstd, ln_weight, ln_bias, fc_weight, fc_bias, hw = 1, outputs = "ensemble"))]
+    /// Backward, from the pooled `[N, C]` input features (x itself for a 2-d x; the
+    /// filter chain is recomputed from them). Returns `(grad_x, grad_ln_weight,
+    /// grad_ln_bias, grad_fc_weight, grad_fc_bias)`. `grad_x` is `[N, C]`: for a 4-d
+    /// input of `hw = H*W` it is the gradient of every pixel of each plane (broadcast
+    /// it over `H×W`).
+    #[pyo3(signature = (grad_out, pooled, ln_weight, ln_bias, fc_weight, fc_bias, hw = 1, outputs = "ensemble"))]
     #[allow(clippy::too_many_arguments)]
     fn backward<'py>(
         &self,
         grad_out: &Bound<'py, PyAny>,
-        feats: &Bound<'py, PyAny>,
-        mean: &Bound<'py, PyAny>,
-        rstd: &Bound<'py, PyAny>,
+        pooled: &Bound<'py, PyAny>,
         ln_weight: &Bound<'py, PyAny>,
         ln_bias: &Bound<'py, PyAny>,
         fc_weight: &Bound<'py, PyAny>,
@@ -271,7 +269,7 @@ impl Ffc {
         dispatch!(
             grad_out,
             "grad_out",
-            backward_t(&self.cfg, feats, mean, rstd, ln_weight, ln_bias, fc_weight, fc_bias, hw, outputs)
+            backward_t(&self.cfg, pooled, ln_weight, ln_bias, fc_weight, fc_bias, hw, outputs)
         )
     }
 

@@ -135,29 +135,16 @@ pub struct Dims {
     pub k: usize,
 }
 
-/// What the backward needs from the forward.
-#[derive(Debug, Clone)]
-pub struct Saved<T> {
+/// The filter chain of a batch: kept only within one call (the backward recomputes
+/// it from the pooled input, which costs far less than keeping `L+1` copies of the
+/// features alive between forward and backward).
+struct Filtered<T> {
     /// `[N, L+1, C]`: f0 (the pooled input) and every filtered feature.
-    pub feats: Vec<T>,
+    feats: Vec<T>,
     /// `[N, L]`: each LayerNorm's mean.
-    pub mean: Vec<T>,
+    mean: Vec<T>,
     /// `[N, L]`: each LayerNorm's `1/sqrt(var + eps)`.
-    pub rstd: Vec<T>,
-}
-
-impl<T> Saved<T> {
-    pub fn view(&self) -> SavedRef<'_, T> {
-        SavedRef { feats: &self.feats, mean: &self.mean, rstd: &self.rstd }
-    }
-}
-
-/// [`Saved`] read in place (e.g. from arrays the caller kept).
-#[derive(Debug, Clone, Copy)]
-pub struct SavedRef<'a, T> {
-    pub feats: &'a [T],
-    pub mean: &'a [T],
-    pub rstd: &'a [T],
+    rstd: Vec<T>,
 }
 
 /// Gradients of one backward call.
@@ -228,7 +215,7 @@ fn row_stats<T: Float>(row: &[T], eps: f64) -> (f64, f64) {
 }
 
 /// Runs the filter chain of every sample: fills `feats`, `mean` and `rstd`.
-fn filter<T: Float>(cfg: &Config, f0: &[T], n: usize, c: usize, p: &Params<T>) -> Saved<T> {
+fn filter<T: Float>(cfg: &Config, f0: &[T], n: usize, c: usize, p: &Params<T>) -> Filtered<T> {
     let (lv, nf) = (cfg.levels(), cfg.num_filters);
     let mut feats = vec![T::zero(); n * lv * c];
     let mut mean = vec![T::zero(); n * nf];
@@ -253,7 +240,7 @@ fn filter<T: Float>(cfg: &Config, f0: &[T], n: usize, c: usize, p: &Params<T>) -
                 rs[l] = rt;
             }
         });
-    Saved { feats, mean, rstd }
+    Filtered { feats, mean, rstd }
 }
 
 /// `out[r] = bias` for every row: the products then accumulate onto it.
@@ -266,7 +253,7 @@ fn rows_of_bias<T: Float>(rows: usize, bias: &[T]) -> Vec<T> {
 }
 
 /// `P = F Wᵀ + b` over the `(L+1)·N` stacked feature rows: `[N, L+1, K]`.
-fn level_logits<T: Float>(saved: &Saved<T>, d: Dims, lv: usize, p: &Params<T>) -> Vec<T> {
+fn level_logits<T: Float>(saved: &Filtered<T>, d: Dims, lv: usize, p: &Params<T>) -> Vec<T> {
     let rows = d.n * lv;
     let mut out = rows_of_bias(rows, p.fc_bias);
     let w = Mat::new(p.fc_weight, d.k, d.c);
@@ -293,15 +280,9 @@ fn ensemble_feature<T: Float>(feats: &[T], d: Dims, a: &[f64]) -> Vec<T> {
     h
 }
 
-/// Forward: the ensemble logits `[N, K]` or every output's logits `[J, N, K]`, and
-/// what the backward needs.
-pub fn forward<T: Float>(
-    cfg: &Config,
-    d: Dims,
-    x: &[T],
-    p: &Params<T>,
-    outputs: Outputs,
-) -> Result<(Vec<T>, Saved<T>)> {
+/// Forward: the ensemble logits `[N, K]` or every output's logits `[J, N, K]`.
+/// The backward needs only the pooled input (`x` itself for `[N, C]` input).
+pub fn forward<T: Float>(cfg: &Config, d: Dims, x: &[T], p: &Params<T>, outputs: Outputs) -> Result<Vec<T>> {
     validate(cfg, d, x, p)?;
     let f0 = pooled(x, d.hw);
     let saved = filter(cfg, &f0, d.n, d.c, p);
@@ -333,7 +314,7 @@ pub fn forward<T: Float>(
             out
         }
     };
-    Ok((out, saved))
+    Ok(out)
 }
 
 /// The class each sample votes for, as a `[N, K]` score whose row-wise argmax is it.
@@ -379,7 +360,11 @@ pub fn vote<T: Float>(cfg: &Config, d: Dims, x: &[T], p: &Params<T>) -> Result<V
         }
         let top = *votes.iter().max().expect("k >= 1");
         let mut bonus = vec![0.0f64; k];
-        if winners.iter().filter(|&&w| votes[w] == top).any(|&w| winners.iter().any(|&v| v != w && votes[v] == top)) {
+        if winners
+            .iter()
+            .filter(|&&w| votes[w] == top)
+            .any(|&w| winners.iter().any(|&v| v != w && votes[v] == top))
+        {
             for (t, &w) in terms.iter().zip(&winners) {
                 if votes[w] == top {
                     output(t, &mut o);
@@ -413,20 +398,21 @@ fn argmax(o: &[f64]) -> usize {
 /// count) so that the partial sums, and hence the results, do not depend on it.
 const ROWS_PER_TASK: usize = 16;
 
-/// Backward of [`forward`]. `grad_out` is `[N, K]` (ensemble) or `[J, N, K]` (all).
+/// Backward of [`forward`]. `grad_out` is `[N, K]` (ensemble) or `[J, N, K]` (all);
+/// `pooled` is the forward's f0, `[N, C]`: the input itself for `[N, C]` input, its
+/// plane means (`pool::global_avg_pool`) for `[N, C, H, W]` (`d.hw = H·W`).
 pub fn backward<T: Float>(
     cfg: &Config,
     d: Dims,
     grad_out: &[T],
     p: &Params<T>,
-    saved: SavedRef<T>,
+    pooled: &[T],
     outputs: Outputs,
 ) -> Result<Grads<T>> {
     let (n, c, k, lv, nf) = (d.n, d.c, d.k, cfg.levels(), cfg.num_filters);
     validate_params(cfg, d, p)?;
-    check_len("feats", saved.feats, &[n, lv, c])?;
-    check_len("mean", saved.mean, &[n, nf])?;
-    check_len("rstd", saved.rstd, &[n, nf])?;
+    check_len("pooled", pooled, &[n, c])?;
+    let saved = filter(cfg, pooled, n, c, p);
     let w = Mat::new(p.fc_weight, k, c);
     let mut fc_weight = vec![T::zero(); k * c];
     let mut fc_bias = vec![T::zero(); k];
@@ -436,7 +422,7 @@ pub fn backward<T: Float>(
     let (direct, direct_levels, coeffs) = match outputs {
         Outputs::Ensemble => {
             check_len("grad_out", grad_out, &[n, k])?;
-            let h = ensemble_feature(saved.feats, d, &cfg.ensemble_coeffs());
+            let h = ensemble_feature(&saved.feats, d, &cfg.ensemble_coeffs());
             let dout = Mat::new(grad_out, n, k);
             matmul(&mut fc_weight, c, dout.t(), Mat::new(&h, n, c), T::one(), false);
             let mut dh = vec![T::zero(); n * c];
@@ -464,7 +450,7 @@ pub fn backward<T: Float>(
                 }
             }
             let dpm = Mat::new(&dp, n * lv, k);
-            matmul(&mut fc_weight, c, dpm.t(), Mat::new(saved.feats, n * lv, c), T::one(), false);
+            matmul(&mut fc_weight, c, dpm.t(), Mat::new(&saved.feats, n * lv, c), T::one(), false);
             let mut df = vec![T::zero(); n * lv * c];
             matmul(&mut df, c, dpm, w, T::one(), false);
             (df, lv, vec![1.0; lv])
@@ -638,7 +624,7 @@ mod tests {
             outs
         }
         fn loss(&self, outputs: Outputs, wts: &[f64]) -> f64 {
-            let (o, _) = forward(&self.cfg, self.d, &self.x, &self.params(), outputs).unwrap();
+            let o = forward(&self.cfg, self.d, &self.x, &self.params(), outputs).unwrap();
             o.iter().zip(wts).map(|(a, b)| a * b).sum()
         }
     }
@@ -656,8 +642,8 @@ mod tests {
         ] {
             let case = Case::new(seed, l, combine, d);
             let naive = case.naive_outputs();
-            let (all, _) = forward(&case.cfg, d, &case.x, &case.params(), Outputs::All).unwrap();
-            let (ens, _) = forward(&case.cfg, d, &case.x, &case.params(), Outputs::Ensemble).unwrap();
+            let all = forward(&case.cfg, d, &case.x, &case.params(), Outputs::All).unwrap();
+            let ens = forward(&case.cfg, d, &case.x, &case.params(), Outputs::Ensemble).unwrap();
             let nk = d.n * d.k;
             assert_eq!(all.len(), naive.len() * nk);
             for (j, o) in naive.iter().enumerate() {
@@ -683,8 +669,8 @@ mod tests {
             let mut case = Case::new(7, 3, combine, d);
             let j = if outputs == Outputs::All { case.cfg.num_outputs() } else { 1 };
             let wts = Lcg(99).vec(j * d.n * d.k);
-            let (_, saved) = forward(&case.cfg, d, &case.x, &case.params(), outputs).unwrap();
-            let g = backward(&case.cfg, d, &wts, &case.params(), saved.view(), outputs).unwrap();
+            let pooled = global_avg_pool(&case.x, d.hw);
+            let g = backward(&case.cfg, d, &wts, &case.params(), &pooled, outputs).unwrap();
             let h = 1e-6;
             macro_rules! check {
                 ($field:ident, $grad:expr, $per:expr) => {
@@ -767,20 +753,19 @@ mod tests {
         assert_eq!(e.arg, "x");
         assert!(Config::new(0, Combine::Paper, 1e-5).is_err());
         assert!(Combine::parse("mean").is_err());
-        let (_, saved) = forward(&case.cfg, case.d, &case.x, &case.params(), Outputs::All).unwrap();
-        let e =
-            backward(&case.cfg, case.d, &[0.0; 6], &case.params(), saved.view(), Outputs::All).unwrap_err();
+
+        let e = backward(&case.cfg, case.d, &[0.0; 6], &case.params(), &case.x, Outputs::All).unwrap_err();
         assert_eq!(e.arg, "grad_out");
     }
 
     #[test]
     fn f32_tracks_f64() {
         let case = Case::new(21, 3, Combine::Paper, dims(8, 2048, 1, 10));
-        let (o64, _) = forward(&case.cfg, case.d, &case.x, &case.params(), Outputs::Ensemble).unwrap();
+        let o64 = forward(&case.cfg, case.d, &case.x, &case.params(), Outputs::Ensemble).unwrap();
         let c32 = |v: &Vec<f64>| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
         let (x, lw, lb, fw, fb) = (c32(&case.x), c32(&case.lw), c32(&case.lb), c32(&case.fw), c32(&case.fb));
         let p = Params { ln_weight: &lw, ln_bias: &lb, fc_weight: &fw, fc_bias: &fb };
-        let (o32, _) = forward(&case.cfg, case.d, &x, &p, Outputs::Ensemble).unwrap();
+        let o32 = forward(&case.cfg, case.d, &x, &p, Outputs::Ensemble).unwrap();
         let scale = o64.iter().map(|v| v.abs()).fold(0.0, f64::max);
         for (a, b) in o32.iter().zip(&o64) {
             assert!((*a as f64 - b).abs() < 1e-4 * scale);

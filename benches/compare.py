@@ -1,0 +1,152 @@
+"""cnnboost against its pure-torch reference, eager and under torch.compile, in one
+process: each case times the three side by side, interleaved, and reports medians
+and ratios (>1 means cnnboost is faster), plus the achieved GFLOP/s or GB/s against
+this machine's measured GEMM rate and copy bandwidth (the roofline).
+
+    python benches/compare.py                 # every case
+    python benches/compare.py --only ffc      # cases whose name starts with "ffc"
+    python benches/compare.py --no-compile    # skip torch.compile (compiling takes minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import cnnboost  # first: it sets OMP_WAIT_POLICY=PASSIVE before torch starts OpenMP
+import torch
+from torch import nn
+from cnnboost import reference
+
+
+@dataclass
+class Case:
+    name: str
+    make: Callable[[type], nn.Module]  # module class -> instance
+    fast: type
+    ref: type
+    inputs: Callable[[], Sequence[torch.Tensor]]
+    train: bool
+    flops: float = 0.0  # the GEMM work of one call, for the GFLOP/s column
+    bytes: float = 0.0  # the unavoidable memory traffic of one call, for GB/s
+    call: Callable = staticmethod(lambda m, xs: m(*xs))
+
+
+def ffc_cases() -> List[Case]:
+    n, c, k = 256, 2048, 1000
+    gemm = 2.0 * n * c * k
+    make = lambda cls: cls(c, k)  # noqa: E731
+    return [
+        Case("ffc train 256x2048", make, cnnboost.FFC, reference.FFC,
+             lambda: [torch.randn(n, c, requires_grad=True)], True, flops=3 * gemm),
+        Case("ffc train 256x2048x7x7", make, cnnboost.FFC, reference.FFC,
+             lambda: [torch.randn(n, c, 7, 7, requires_grad=True)], True, flops=3 * gemm),
+        Case("ffc vote 256x2048", make, cnnboost.FFC, reference.FFC,
+             lambda: [torch.randn(n, c)], False, flops=4 * gemm),
+        Case("ffc eval-mean 256x2048", lambda cls: cls(c, k, eval_ensemble="mean"), cnnboost.FFC, reference.FFC,
+             lambda: [torch.randn(n, c)], False, flops=gemm),
+    ]
+
+
+CASE_GROUPS = {"ffc": ffc_cases}
+
+
+def machine_rates():
+    """(GEMM GFLOP/s, copy GB/s) as torch measures them here."""
+    a, b = torch.randn(256, 2048), torch.randn(2048, 1000)
+    t = median_time(lambda: a @ b, 15)
+    gflops = 2 * 256 * 2048 * 1000 / t / 1e9
+    x = torch.randn(64 * 1024 * 1024 // 4)  # 64 MiB
+    y = torch.empty_like(x)
+    t = median_time(lambda: y.copy_(x), 15)
+    gbs = 2 * x.numel() * 4 / t / 1e9
+    return gflops, gbs
+
+
+def median_time(fn, reps):
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def step_fn(module: nn.Module, case: Case):
+    xs = case.inputs()
+    module.train(case.train)
+    if case.train:
+        params = [p for p in module.parameters()]
+
+        def run():
+            for p in params:
+                p.grad = None
+            for x in xs:
+                if x.requires_grad:
+                    x.grad = None
+            out = case.call(module, xs)
+            out.backward(torch.ones_like(out))
+    else:
+        def run():
+            with torch.no_grad():
+                case.call(module, xs)
+    return run
+
+
+def bench_case(case: Case, reps: int, compile_: bool):
+    torch.manual_seed(0)
+    fast = case.make(case.fast)
+    ref = case.make(case.ref)
+    ref.load_state_dict(fast.state_dict())
+    runs = {"cnnboost": step_fn(fast, case), "eager": step_fn(ref, case)}
+    if compile_:
+        torch._dynamo.reset()
+        runs["compile"] = step_fn(torch.compile(ref), case)
+    for fn in runs.values():  # warm up (and compile)
+        fn()
+        fn()
+    times = {k: [] for k in runs}
+    for _ in range(reps):
+        for k, fn in runs.items():  # interleaved: drift hits all alike
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main(argv: Optional[Sequence[str]] = None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="", help="run the cases whose name starts with this")
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--no-compile", action="store_true")
+    args = parser.parse_args(argv)
+    cnnboost.set_num_threads(torch.get_num_threads())
+    cases = [c for group in CASE_GROUPS.values() for c in group() if c.name.startswith(args.only)]
+    gflops, gbs = machine_rates()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
+          f"roofline: torch GEMM {gflops:.0f} GFLOP/s, copy {gbs:.1f} GB/s; medians of {args.reps}")
+    head = f"{'case':<28} {'cnnboost':>9} {'eager':>9} {'compile':>9} {'vs eager':>9} {'vs comp.':>9}  achieved"
+    print(head)
+    print("-" * len(head))
+    for case in cases:
+        t = bench_case(case, args.reps, not args.no_compile)
+        fast = t["cnnboost"]
+        comp = t.get("compile")
+        ach = ""
+        if case.flops:
+            ach = f"{case.flops / fast / 1e9:.0f} GFLOP/s ({100 * case.flops / fast / 1e9 / gflops:.0f}% of GEMM)"
+        elif case.bytes:
+            ach = f"{case.bytes / fast / 1e9:.1f} GB/s ({100 * case.bytes / fast / 1e9 / gbs:.0f}% of copy)"
+        print(f"{case.name:<28} {fast * 1e3:>7.2f}ms {t['eager'] * 1e3:>7.2f}ms "
+              f"{(comp * 1e3 if comp else float('nan')):>7.2f}ms {t['eager'] / fast:>8.2f}x "
+              f"{(comp / fast if comp else float('nan')):>8.2f}x  {ach}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Type stubs for the Rust extension ``cnnboost._core``.
+
+Every array argument is a NumPy array or any object with ``__dlpack__`` (a torch
+CPU tensor, …), float32 or float64, all of one dtype; it is read in place (only a
+layout that is not C-contiguous and aligned is copied first). Results are new NumPy
+arrays. Bad arguments raise ``ValueError``/``TypeError`` naming the argument.
+"""
+
+from typing import Any, Tuple
+
+import numpy as np
+from numpy.typing import NDArray
+
+ArrayLike = Any  # np.ndarray | object with __dlpack__
+Array = NDArray[np.floating]
+
+__version__: str
+
+def set_num_threads(num_threads: int) -> None:
+    """Sets the number of threads the kernels use (default: the number of CPUs)."""
+
+def get_num_threads() -> int:
+    """The number of threads the kernels use."""
+
+class FFC:
+    """Sequential Feature Filtering Classifier kernels. Holds only the
+    hyper-parameters; parameters are passed to each call: ``ln_weight``/``ln_bias``
+    ``[L, C]`` (the L LayerNorms stacked), ``fc_weight`` ``[K, C]``, ``fc_bias`` ``[K]``.
+
+    >>> core = FFC(num_filters=3, combine="paper")
+    >>> out, pooled = core.forward(x, ln_w, ln_b, fc_w, fc_b)        # x: [N, C]
+    >>> gx, g_ln_w, g_ln_b, g_fc_w, g_fc_b = core.backward(dout, x, ln_w, ln_b, fc_w, fc_b)
+    """
+
+    def __init__(self, num_filters: int = 3, combine: str = "paper", eps: float = 1e-5) -> None: ...
+    @property
+    def num_filters(self) -> int: ...
+    @property
+    def combine(self) -> str: ...
+    @property
+    def eps(self) -> float: ...
+    @property
+    def num_outputs(self) -> int:
+        """J: 2L+1 for "paper", L+1 for "plain"."""
+    def ensemble_coeffs(self) -> list[float]:
+        """a_l with mean_j g_j = sum_l a_l f_l."""
+    def forward(
+        self,
+        x: ArrayLike,
+        ln_weight: ArrayLike,
+        ln_bias: ArrayLike,
+        fc_weight: ArrayLike,
+        fc_bias: ArrayLike,
+        outputs: str = "ensemble",
+    ) -> Tuple[Array, Array]:
+        """``x`` ``[N, C]`` or ``[N, C, H, W]``. Returns ``(out, pooled)``: ``out``
+        ``[N, K]`` ("ensemble": mean logits) or ``[J, N, K]`` ("all"); ``pooled`` the
+        ``[N, C]`` plane means of a 4-d ``x`` (empty for a 2-d ``x``), for ``backward``."""
+    def backward(
+        self,
+        grad_out: ArrayLike,
+        pooled: ArrayLike,
+        ln_weight: ArrayLike,
+        ln_bias: ArrayLike,
+        fc_weight: ArrayLike,
+        fc_bias: ArrayLike,
+        hw: int = 1,
+        outputs: str = "ensemble",
+    ) -> Tuple[Array, Array, Array, Array, Array]:
+        """From the pooled ``[N, C]`` features (``x`` itself for a 2-d ``x``). Returns
+        ``(grad_x, grad_ln_weight, grad_ln_bias, grad_fc_weight, grad_fc_bias)``;
+        ``grad_x`` is ``[N, C]``: for a 4-d input with ``hw = H*W`` it
+        is the gradient of every pixel of each plane (broadcast it over H×W)."""
+    def vote(
+        self, x: ArrayLike, ln_weight: ArrayLike, ln_bias: ArrayLike, fc_weight: ArrayLike, fc_bias: ArrayLike
+    ) -> Array:
+        """``[N, K]`` scores whose row-wise argmax is the voted class."""
