@@ -33,9 +33,9 @@ __version__ = _core.__version__
 
 # The torch modules import torch; load them on first use so that a NumPy-only user
 # can `import cnnboost` and call `cnnboost._core` without torch installed.
-_TORCH_MODULES = {"FFC": "ffc", "reference": None}
+_TORCH_MODULES = {"FFC": "ffc", "reference": None, "models": None}
 
-__all__ = ["FFC", "reference", "get_num_threads", "set_num_threads", "__version__"]
+__all__ = ["FFC", "reference", "models", "get_num_threads", "set_num_threads", "__version__"]
 
 
 def __getattr__(name: str):
