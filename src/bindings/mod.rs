@@ -81,11 +81,19 @@ fn get_num_threads() -> PyResult<usize> {
     Ok(pool()?.current_num_threads())
 }
 
+/// Panics inside `compute`, for the test that checks a panic becomes a Python
+/// exception rather than crossing the FFI boundary.
+#[pyfunction]
+fn _panic_in_kernel(py: Python<'_>, message: String) -> PyResult<()> {
+    compute(py, move || -> () { panic!("{message}") })
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(_panic_in_kernel, m)?)?;
     m.add_class::<ffc::Ffc>()?;
     Ok(())
 }

@@ -1,0 +1,107 @@
+"""What a native extension must never do to a notebook: crash, leak, race, or give
+different answers run to run."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import cnnboost
+from cnnboost import _core, reference
+from harness import twins
+
+
+def test_a_panic_becomes_a_python_exception():
+    with pytest.raises(RuntimeError, match="internal error.*boom"):
+        _core._panic_in_kernel("boom")
+    # and the pool still works afterwards
+    out, _ = _core.FFC(1).forward(np.ones((2, 3)), np.ones((1, 3)), np.zeros((1, 3)), np.ones((2, 3)), np.zeros(2))
+    assert out.shape == (2, 2)
+
+
+def test_set_num_threads():
+    before = cnnboost.get_num_threads()
+    try:
+        cnnboost.set_num_threads(1)
+        assert cnnboost.get_num_threads() == 1
+        with pytest.raises(ValueError, match="num_threads"):
+            cnnboost.set_num_threads(0)
+    finally:
+        cnnboost.set_num_threads(before)
+
+
+def test_many_python_threads_share_one_module():
+    m = cnnboost.FFC(64, 10)
+    xs = [torch.randn(16, 64, dtype=torch.float32, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    expected = [m(x).detach() for x in xs]
+    results = [None] * len(xs)
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(20):
+                results[i] = m(xs[i]).detach()
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for r, e in zip(results, expected):
+        assert torch.equal(r, e)
+
+
+def test_results_are_deterministic_run_to_run():
+    m = cnnboost.FFC(300, 50)
+    x = torch.randn(64, 300, 3, 3, requires_grad=True)
+    runs = []
+    for _ in range(3):
+        m.zero_grad()
+        x.grad = None
+        y = m(x)
+        y.square().sum().backward()
+        runs.append([y.detach().clone(), x.grad.clone()] + [p.grad.clone() for p in m.parameters()])
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+def test_nan_and_inf_propagate_like_the_reference():
+    fast, ref = twins(cnnboost.FFC, reference.FFC, 8, 3, dtype=torch.float64)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    x[1, 2] = float("nan")
+    x[2, 5] = float("inf")
+    y, yr = fast(x), ref(x)
+    assert torch.equal(torch.isnan(y), torch.isnan(yr))
+    torch.testing.assert_close(y, yr, equal_nan=True)
+
+
+def test_float32_tracks_float64_at_large_channel_counts():
+    fast = cnnboost.FFC(8192, 16)
+    x = torch.randn(8, 8192) * 3 + 10  # a large mean stresses the LayerNorm statistics
+    y32 = fast(x).double()
+    y64 = fast.double()(x.double())
+    torch.testing.assert_close(y32, y64, rtol=1e-5, atol=1e-5 * y64.abs().max().item())
+
+
+def test_resident_memory_stays_flat_over_many_calls():
+    psutil = pytest.importorskip("psutil")
+    proc = psutil.Process()
+    m = cnnboost.FFC(32, 8)
+    x = torch.randn(8, 32, 2, 2, requires_grad=True)
+
+    def step():
+        y = m(x)
+        y.sum().backward()
+
+    for _ in range(500):
+        step()
+    before = proc.memory_info().rss
+    for _ in range(10_000):
+        step()
+    grown = proc.memory_info().rss - before
+    assert grown < 8 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB over 10,000 steps"
