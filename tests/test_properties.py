@@ -53,6 +53,11 @@ def ffc_cases(draw):
 @SETTINGS
 @given(ffc_cases())
 def test_ffc_agrees_with_reference(case):
+    torch.manual_seed(case["seed"])
+    if case["c"] == 1 and case["dtype"] == torch.float32:
+        # LayerNorm over one channel: the true input gradient is exactly 0 and both
+        # sides return float32 round-off amplified by 1/sqrt(eps); compare in float64.
+        case["dtype"] = torch.float64
     fast, ref = twins(cnnboost.FFC, reference.FFC, case["c"], case["k"], case["num_filters"],
                       combine=case["combine"], outputs=case["outputs"], eval_ensemble=case["eval_ensemble"],
                       dtype=case["dtype"], seed=case["seed"])
