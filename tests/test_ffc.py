@@ -293,3 +293,35 @@ def test_torch_compile_fullgraph_matches_eager():
     assert_close(g, x.grad, torch.float32, "compiled grad")
     m.eval()
     assert torch.equal(compiled(x), m(x))
+
+
+def test_autocast_inputs_are_computed_in_float32():
+    m = cnnboost.FFC(8, 3)
+    x = torch.randn(4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x.to(torch.bfloat16))
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, m(x.to(torch.bfloat16).float()))
+
+
+def test_deepcopy_pickle_and_state_dict_round_trips():
+    import copy
+
+    m = cnnboost.FFC(8, 3, num_filters=2, combine="plain", eval_ensemble="mean")
+    x = torch.randn(5, 8)
+    for clone in (copy.deepcopy(m), torch.load(_saved(m), weights_only=False)):
+        assert repr(clone) == repr(m)
+        torch.testing.assert_close(clone(x), m(x))
+    fresh = cnnboost.FFC(8, 3, num_filters=2, combine="plain", eval_ensemble="mean")
+    fresh.load_state_dict(m.state_dict())
+    torch.testing.assert_close(fresh(x), m(x))
+    assert "combine='plain'" in repr(m) and "eval_ensemble='mean'" in repr(m)
+
+
+def _saved(m):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    return buf

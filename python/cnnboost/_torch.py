@@ -23,6 +23,19 @@ def from_numpy(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(a)
 
 
+def autocast_input(t: object, like: torch.Tensor) -> object:
+    """Under ``torch.autocast`` a half-precision input is computed in the parameters'
+    dtype (as torch's autocast does for layer and batch norm); outside autocast it is
+    left alone, so that :func:`check_tensor` rejects it clearly."""
+    if (
+        isinstance(t, torch.Tensor)
+        and t.dtype in (torch.float16, torch.bfloat16)
+        and torch.is_autocast_enabled(t.device.type)
+    ):
+        return t.to(like.dtype)
+    return t
+
+
 def check_tensor(
     name: str,
     t: object,

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _core
-from ._torch import check_choice, check_eps, check_int, check_tensor, from_numpy, to_numpy
+from ._torch import autocast_input, check_choice, check_eps, check_int, check_tensor, from_numpy, to_numpy
 
 __all__ = ["FFC"]
 
@@ -169,7 +169,10 @@ class FFC(nn.Module):
     * ``outputs="all"`` (train or eval): the stacked ``[J, N, K]`` logits of every
       output, differentiable, for per-output losses.
 
-    Input: ``[N, C]`` features or an ``[N, C, H, W]`` map (averaged over H×W inside).
+    Input: ``[N, C]`` features or an ``[N, C, H, W]`` map (averaged over H×W inside),
+    float32 or float64 like the parameters. Under ``torch.autocast`` a float16/bfloat16
+    input is computed in the parameters' dtype (as autocast does for normalisation
+    layers); outside autocast it raises a TypeError.
     Parameters carry the authors' names: ``filter1..filterL.{weight,bias}`` (LayerNorm
     over C) and ``fc.{weight,bias}`` (Linear C → K), so their checkpoints load as they
     are. A ``filters.{i}.*`` key (0-based, ModuleList style) also loads, into
@@ -215,6 +218,7 @@ class FFC(nn.Module):
         return [getattr(self, f"filter{l}") for l in range(1, self.num_filters + 1)]
 
     def forward(self, x: Tensor) -> Tensor:
+        x = autocast_input(x, self.fc.weight)
         check_tensor("x", x, ndims=(2, 4), like=self.fc.weight, layout_doc=" [N, C] or [N, C, H, W]")
         if x.shape[1] != self.in_features:
             raise ValueError(
