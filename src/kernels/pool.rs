@@ -1,4 +1,7 @@
-//! Global average pooling over the spatial plane of a contiguous `[N, C, H, W]` map.
+//! Per-plane operations on contiguous `[N, C, H, W]` maps, each plane (`H·W`
+//! contiguous values) handled by one task at a time: global average pooling, the dot
+//! product of two maps plane by plane, and scaling (plus a shift) of every plane.
+//! These are the memory-bound passes of AB and AFI (and FFC/SSM's pooling).
 
 use super::Float;
 use rayon::prelude::*;
@@ -43,6 +46,69 @@ pub fn global_avg_pool<T: Float>(x: &[T], hw: usize) -> Vec<T> {
     out
 }
 
+/// Dot product of two equal-length slices, accumulated in f64.
+#[inline]
+pub fn dot<T: Float>(a: &[T], b: &[T]) -> f64 {
+    let mut acc = [0.0f64; 4];
+    let mut ca = a.chunks_exact(4);
+    let mut cb = b.chunks_exact(4);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for i in 0..4 {
+            acc[i] += x[i].as_f64() * y[i].as_f64();
+        }
+    }
+    let tail: f64 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x.as_f64() * y.as_f64()).sum();
+    acc[0] + acc[1] + acc[2] + acc[3] + tail
+}
+
+/// `out[p] = Σ_hw a[p, hw] · b[p, hw]` for every plane `p`: one pass over both maps.
+pub fn plane_dots<T: Float>(a: &[T], b: &[T], hw: usize) -> Vec<f64> {
+    if hw == 0 {
+        return Vec::new();
+    }
+    let planes = a.len() / hw;
+    let mut out = vec![0.0f64; planes];
+    let per = planes_per_task(hw);
+    out.par_chunks_mut(per).zip(a.par_chunks(per * hw).zip(b.par_chunks(per * hw))).for_each(
+        |(o, (pa, pb))| {
+            for (dst, (x, y)) in o.iter_mut().zip(pa.chunks_exact(hw).zip(pb.chunks_exact(hw))) {
+                *dst = dot(x, y);
+            }
+        },
+    );
+    out
+}
+
+/// `out[p, :] = scale[p] · src[p, :] + shift[p]` for every plane `p` (no shift when
+/// `shift` is `None`), into a new map.
+pub fn scale_planes<T: Float>(src: &[T], scale: &[T], shift: Option<&[T]>, hw: usize) -> Vec<T> {
+    let mut out = vec![T::zero(); src.len()];
+    if hw == 0 {
+        return out;
+    }
+    let per = planes_per_task(hw);
+    out.par_chunks_mut(per * hw).zip(src.par_chunks(per * hw)).enumerate().for_each(|(task, (o, s))| {
+        for (i, (op, sp)) in o.chunks_exact_mut(hw).zip(s.chunks_exact(hw)).enumerate() {
+            let p = task * per + i;
+            let a = scale[p];
+            match shift {
+                Some(b) => {
+                    let b = b[p];
+                    for (d, &v) in op.iter_mut().zip(sp) {
+                        *d = a * v + b;
+                    }
+                }
+                None => {
+                    for (d, &v) in op.iter_mut().zip(sp) {
+                        *d = a * v;
+                    }
+                }
+            }
+        }
+    });
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -52,6 +118,17 @@ mod tests {
         let x: Vec<f32> = (0..2 * 3 * 5).map(|v| v as f32).collect();
         let y = global_avg_pool(&x, 5);
         assert_eq!(y, vec![2.0, 7.0, 12.0, 17.0, 22.0, 27.0]);
+    }
+
+    #[test]
+    fn plane_dots_and_scaling() {
+        let a: Vec<f64> = (0..12).map(|v| v as f64).collect();
+        let b = vec![2.0; 12];
+        assert_eq!(plane_dots(&a, &b, 3), vec![6.0, 24.0, 42.0, 60.0]);
+        let s = scale_planes(&a, &[1.0, 0.0, -1.0, 2.0], Some(&[0.5, 0.5, 0.0, 0.0]), 3);
+        assert_eq!(&s[..6], &[0.5, 1.5, 2.5, 0.5, 0.5, 0.5]);
+        assert_eq!(&s[6..], &[-6.0, -7.0, -8.0, 18.0, 20.0, 22.0]);
+        assert_eq!(scale_planes(&a, &[1.0; 4], None, 3), a);
     }
 
     #[test]

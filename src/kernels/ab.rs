@@ -1,0 +1,422 @@
+//! AB — Accuracy Booster block (../shared/SPEC.md, "AB"): channel recalibration.
+//!
+//! ```text
+//! y = GAP(x)                       [N, C]
+//! t = Conv1x1(y, groups = g)       weight [C, C/g]; g = C: AB, g = 1: AB-Plus
+//! p = sigmoid(BN(t))               batch statistics in training, running in eval
+//! out = p[:, :, None, None] · x
+//! ```
+//!
+//! Memory-bound: the forward reads x twice (pooling, scaling) and writes `out` once;
+//! the backward reads `grad_out` and x once (`dp = Σ_hw grad_out·x`, per plane) and
+//! then writes `grad_x = p·grad_out + dy/HW` in a second pass. Everything else lives
+//! on `[N, C]` and costs nothing next to those passes. Only the pooled `y` and the
+//! normalisation statistics are kept between forward and backward; `t` and `p` are
+//! recomputed from them.
+
+use super::batchnorm;
+use super::gemm::{matmul, Mat};
+use super::pool::{global_avg_pool, plane_dots, scale_planes};
+use super::{check_len, checked_numel, column_totals, Error, Float, Result};
+
+/// The hyper-parameters of one AB block.
+#[derive(Debug, Clone, Copy)]
+pub struct Config {
+    pub channels: usize,
+    /// Convolution groups: `channels` for AB (depthwise), 1 for AB-Plus.
+    pub groups: usize,
+    pub eps: f64,
+    pub training: bool,
+}
+
+/// The parameters, read in place. `conv_weight` is torch's Conv2d weight
+/// `[C, C/g, 1, 1]` flattened.
+#[derive(Debug, Clone, Copy)]
+pub struct Params<'a, T> {
+    pub conv_weight: &'a [T],
+    pub conv_bias: Option<&'a [T]>,
+    pub bn_weight: &'a [T],
+    pub bn_bias: &'a [T],
+}
+
+/// The running statistics (read in eval; the caller updates them in training from
+/// the batch statistics the forward returns).
+#[derive(Debug, Clone, Copy)]
+pub struct Running<'a, T> {
+    pub mean: &'a [T],
+    pub var: &'a [T],
+}
+
+/// The forward's results.
+#[derive(Debug, Clone)]
+pub struct Forward<T> {
+    /// `[N, C, H, W]`.
+    pub out: Vec<T>,
+    /// `[N, C]`: the pooled input, kept for the backward.
+    pub pooled: Vec<T>,
+    /// `[C]`: the mean the normalisation used (the batch's in training, the running
+    /// mean in eval), kept for the backward.
+    pub mean: Vec<T>,
+    /// `[C]`: `1/sqrt(var + eps)` the normalisation used, kept for the backward.
+    pub invstd: Vec<T>,
+    /// `[C]`: the batch's unbiased variance, for the running update (training only;
+    /// empty in eval).
+    pub var_unbiased: Vec<T>,
+}
+
+/// The backward's results.
+#[derive(Debug, Clone)]
+pub struct Grads<T> {
+    pub x: Vec<T>,
+    pub conv_weight: Vec<T>,
+    /// Empty when the block has no convolution bias.
+    pub conv_bias: Vec<T>,
+    pub bn_weight: Vec<T>,
+    pub bn_bias: Vec<T>,
+}
+
+fn validate<T>(cfg: &Config, x: &[T], n: usize, hw: usize, p: &Params<T>) -> Result<()> {
+    let c = cfg.channels;
+    if c == 0 {
+        return Err(Error::value("channels", "an integer >= 1", "0"));
+    }
+    if cfg.groups == 0 || c % cfg.groups != 0 {
+        return Err(Error::value("groups", format!("a divisor of channels = {c}"), cfg.groups.to_string()));
+    }
+    if !(cfg.eps.is_finite() && cfg.eps > 0.0) {
+        return Err(Error::value("eps", "a finite number > 0", cfg.eps.to_string()));
+    }
+    if hw == 0 {
+        return Err(Error::shape("x", "a non-empty spatial plane", "H*W = 0"));
+    }
+    if cfg.training && n < 2 {
+        return Err(Error::shape(
+            "x",
+            "more than 1 sample in training (batch statistics need two)",
+            format!("a batch of {n}"),
+        ));
+    }
+    check_len("x", x, &[n, c, hw])?;
+    check_len("conv_weight", p.conv_weight, &[c, c / cfg.groups])?;
+    if let Some(b) = p.conv_bias {
+        check_len("conv_bias", b, &[c])?;
+    }
+    check_len("bn_weight", p.bn_weight, &[c])?;
+    check_len("bn_bias", p.bn_bias, &[c])?;
+    checked_numel("x", &[n, c, hw])?;
+    Ok(())
+}
+
+/// `t = Conv1x1(y, groups) + bias`, `[N, C]`.
+fn conv<T: Float>(cfg: &Config, y: &[T], n: usize, p: &Params<T>) -> Vec<T> {
+    let (c, g) = (cfg.channels, cfg.groups);
+    let cg = c / g;
+    let mut t = vec![T::zero(); n * c];
+    if let Some(b) = p.conv_bias {
+        for row in t.chunks_mut(c) {
+            row.copy_from_slice(b);
+        }
+    }
+    if g == c {
+        for (trow, yrow) in t.chunks_mut(c).zip(y.chunks(c)) {
+            for ((tv, &yv), &w) in trow.iter_mut().zip(yrow).zip(p.conv_weight) {
+                *tv = *tv + w * yv;
+            }
+        }
+    } else {
+        for gi in 0..g {
+            let yg = Mat::with_ld(&y[gi * cg..], n, cg, c);
+            let wg = Mat::new(&p.conv_weight[gi * cg * cg..(gi + 1) * cg * cg], cg, cg);
+            matmul(&mut t[gi * cg..], c, yg, wg.t(), T::one(), true);
+        }
+    }
+    t
+}
+
+fn sigmoid<T: Float>(v: T) -> T {
+    T::one() / (T::one() + (-v).exp())
+}
+
+/// The forward. `x` is `[n, C, hw]`.
+pub fn forward<T: Float>(
+    cfg: &Config,
+    x: &[T],
+    n: usize,
+    hw: usize,
+    p: &Params<T>,
+    running: Running<T>,
+) -> Result<Forward<T>> {
+    validate(cfg, x, n, hw, p)?;
+    let c = cfg.channels;
+    check_len("running_mean", running.mean, &[c])?;
+    check_len("running_var", running.var, &[c])?;
+    let pooled = global_avg_pool(x, hw);
+    let t = conv(cfg, &pooled, n, p);
+    let (mean, invstd, var_unbiased) = if cfg.training {
+        let s = batchnorm::batch_stats(&t, n, c, c, cfg.eps);
+        (s.mean, s.invstd, s.var_unbiased)
+    } else {
+        (running.mean.to_vec(), batchnorm::eval_invstd(running.var, cfg.eps), Vec::new())
+    };
+    let gate = batchnorm::normalize(&t, n, c, c, &mean, &invstd, p.bn_weight, p.bn_bias, sigmoid);
+    let out = scale_planes(x, &gate, None, hw);
+    Ok(Forward { out, pooled, mean, invstd, var_unbiased })
+}
+
+/// The backward, from `grad_out` and `x` (`[n, C, hw]` each) and what the forward kept.
+#[allow(clippy::too_many_arguments)]
+pub fn backward<T: Float>(
+    cfg: &Config,
+    grad_out: &[T],
+    x: &[T],
+    n: usize,
+    hw: usize,
+    p: &Params<T>,
+    pooled: &[T],
+    mean: &[T],
+    invstd: &[T],
+) -> Result<Grads<T>> {
+    validate(cfg, x, n, hw, p)?;
+    let (c, g) = (cfg.channels, cfg.groups);
+    let cg = c / g;
+    check_len("grad_out", grad_out, &[n, c, hw])?;
+    check_len("pooled", pooled, &[n, c])?;
+    check_len("mean", mean, &[c])?;
+    check_len("invstd", invstd, &[c])?;
+
+    let t = conv(cfg, pooled, n, p);
+    let gate = batchnorm::normalize(&t, n, c, c, mean, invstd, p.bn_weight, p.bn_bias, sigmoid);
+    // Pass 1 over the maps: the gradient of each gate value.
+    let dgate = plane_dots(grad_out, x, hw);
+    let dz: Vec<T> = dgate.iter().zip(&gate).map(|(&d, &s)| T::of(d) * s * (T::one() - s)).collect();
+    let bn = batchnorm::backward(&dz, &t, n, c, c, mean, invstd, p.bn_weight, cfg.training);
+    let dt = bn.dx;
+
+    let mut conv_weight = vec![T::zero(); c * cg];
+    let mut dy = vec![T::zero(); n * c];
+    if g == c {
+        let mut acc = vec![0.0f64; c];
+        for ((drow, yrow), dyrow) in dt.chunks(c).zip(pooled.chunks(c)).zip(dy.chunks_mut(c)) {
+            for o in 0..c {
+                acc[o] += (drow[o] * yrow[o]).as_f64();
+                dyrow[o] = drow[o] * p.conv_weight[o];
+            }
+        }
+        conv_weight = acc.into_iter().map(T::of).collect();
+    } else {
+        for gi in 0..g {
+            let dtg = Mat::with_ld(&dt[gi * cg..], n, cg, c);
+            let yg = Mat::with_ld(&pooled[gi * cg..], n, cg, c);
+            let wg = Mat::new(&p.conv_weight[gi * cg * cg..(gi + 1) * cg * cg], cg, cg);
+            matmul(&mut conv_weight[gi * cg * cg..(gi + 1) * cg * cg], cg, dtg.t(), yg, T::one(), false);
+            matmul(&mut dy[gi * cg..], c, dtg, wg, T::one(), false);
+        }
+    }
+    let conv_bias = match p.conv_bias {
+        Some(_) => column_totals(&dt, c).into_iter().map(T::of).collect(),
+        None => Vec::new(),
+    };
+    // Pass 2: grad_x = gate · grad_out + dy / HW.
+    let inv_hw = T::of(1.0 / hw as f64);
+    let shift: Vec<T> = dy.iter().map(|&v| v * inv_hw).collect();
+    let x_grad = scale_planes(grad_out, &gate, Some(&shift), hw);
+    Ok(Grads { x: x_grad, conv_weight, conv_bias, bn_weight: bn.dgamma, bn_bias: bn.dbeta })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Lcg(u64);
+    impl Lcg {
+        fn vec(&mut self, len: usize, scale: f64, offset: f64) -> Vec<f64> {
+            (0..len)
+                .map(|_| {
+                    self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    (((self.0 >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0) * scale + offset
+                })
+                .collect()
+        }
+    }
+
+    struct Case {
+        cfg: Config,
+        n: usize,
+        hw: usize,
+        x: Vec<f64>,
+        w: Vec<f64>,
+        b: Option<Vec<f64>>,
+        gamma: Vec<f64>,
+        beta: Vec<f64>,
+        rm: Vec<f64>,
+        rv: Vec<f64>,
+    }
+
+    impl Case {
+        fn new(seed: u64, n: usize, c: usize, hw: usize, groups: usize, bias: bool, training: bool) -> Self {
+            let mut r = Lcg(seed);
+            Case {
+                cfg: Config { channels: c, groups, eps: 1e-5, training },
+                n,
+                hw,
+                x: r.vec(n * c * hw, 1.0, 0.2),
+                w: r.vec(c * c / groups, 1.0, 0.0),
+                b: bias.then(|| r.vec(c, 0.5, 0.0)),
+                gamma: r.vec(c, 0.5, 1.0),
+                beta: r.vec(c, 0.5, 0.0),
+                rm: r.vec(c, 0.3, 0.0),
+                rv: r.vec(c, 0.4, 1.0),
+            }
+        }
+        fn params(&self) -> Params<'_, f64> {
+            Params {
+                conv_weight: &self.w,
+                conv_bias: self.b.as_deref(),
+                bn_weight: &self.gamma,
+                bn_bias: &self.beta,
+            }
+        }
+        fn running(&self) -> Running<'_, f64> {
+            Running { mean: &self.rm, var: &self.rv }
+        }
+        /// The block the slow, obvious way.
+        fn naive(&self) -> Vec<f64> {
+            let (n, c, hw, g) = (self.n, self.cfg.channels, self.hw, self.cfg.groups);
+            let cg = c / g;
+            let y: Vec<f64> =
+                (0..n * c).map(|q| self.x[q * hw..(q + 1) * hw].iter().sum::<f64>() / hw as f64).collect();
+            let mut t = vec![0.0; n * c];
+            for i in 0..n {
+                for o in 0..c {
+                    let gi = o / cg;
+                    let mut s = self.b.as_ref().map_or(0.0, |b| b[o]);
+                    for j in 0..cg {
+                        s += self.w[o * cg + j] * y[i * c + gi * cg + j];
+                    }
+                    t[i * c + o] = s;
+                }
+            }
+            let mut out = vec![0.0; n * c * hw];
+            for o in 0..c {
+                let (m, v) = if self.cfg.training {
+                    let m = (0..n).map(|i| t[i * c + o]).sum::<f64>() / n as f64;
+                    (m, (0..n).map(|i| (t[i * c + o] - m).powi(2)).sum::<f64>() / n as f64)
+                } else {
+                    (self.rm[o], self.rv[o])
+                };
+                for i in 0..n {
+                    let z = (t[i * c + o] - m) / (v + 1e-5).sqrt() * self.gamma[o] + self.beta[o];
+                    let s = 1.0 / (1.0 + (-z).exp());
+                    for q in 0..hw {
+                        out[(i * c + o) * hw + q] = s * self.x[(i * c + o) * hw + q];
+                    }
+                }
+            }
+            out
+        }
+        fn loss(&self, w: &[f64]) -> f64 {
+            let f = forward(&self.cfg, &self.x, self.n, self.hw, &self.params(), self.running()).unwrap();
+            f.out.iter().zip(w).map(|(a, b)| a * b).sum()
+        }
+    }
+
+    #[test]
+    fn forward_matches_naive() {
+        for (seed, n, c, hw, g, bias, training) in [
+            (1, 4, 6, 5, 6, false, true),
+            (2, 3, 6, 4, 1, true, true),
+            (3, 5, 8, 1, 2, true, false),
+            (4, 2, 12, 9, 3, false, false),
+        ] {
+            let case = Case::new(seed, n, c, hw, g, bias, training);
+            let f = forward(&case.cfg, &case.x, n, hw, &case.params(), case.running()).unwrap();
+            for (a, b) in f.out.iter().zip(case.naive()) {
+                assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+            }
+            assert_eq!(f.var_unbiased.len(), if training { c } else { 0 });
+        }
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        for (seed, g, bias, training) in [
+            (5, 6, true, true),
+            (6, 1, false, true),
+            (7, 3, true, false),
+            (8, 6, false, false),
+            (9, 2, true, true),
+        ] {
+            let (n, c, hw) = (4, 6, 3);
+            let mut case = Case::new(seed, n, c, hw, g, bias, training);
+            let wts = Lcg(77).vec(n * c * hw, 1.0, 0.0);
+            let f = forward(&case.cfg, &case.x, n, hw, &case.params(), case.running()).unwrap();
+            let gr = backward(&case.cfg, &wts, &case.x, n, hw, &case.params(), &f.pooled, &f.mean, &f.invstd)
+                .unwrap();
+            let h = 1e-6;
+            macro_rules! check {
+                ($slot:expr, $grad:expr, $name:literal) => {
+                    for q in 0..$grad.len() {
+                        let v0 = $slot(&mut case)[q];
+                        $slot(&mut case)[q] = v0 + h;
+                        let up = case.loss(&wts);
+                        $slot(&mut case)[q] = v0 - h;
+                        let down = case.loss(&wts);
+                        $slot(&mut case)[q] = v0;
+                        let fd = (up - down) / (2.0 * h);
+                        assert!(
+                            (fd - $grad[q]).abs() < 1e-6 * (1.0 + fd.abs()),
+                            "{} [{q}]: {fd} vs {}",
+                            $name,
+                            $grad[q]
+                        );
+                    }
+                };
+            }
+            fn xs(c: &mut Case) -> &mut Vec<f64> {
+                &mut c.x
+            }
+            fn ws(c: &mut Case) -> &mut Vec<f64> {
+                &mut c.w
+            }
+            fn gammas(c: &mut Case) -> &mut Vec<f64> {
+                &mut c.gamma
+            }
+            fn betas(c: &mut Case) -> &mut Vec<f64> {
+                &mut c.beta
+            }
+            fn biases(c: &mut Case) -> &mut Vec<f64> {
+                c.b.as_mut().unwrap()
+            }
+            check!(xs, gr.x, "x");
+            check!(ws, gr.conv_weight, "conv_weight");
+            check!(gammas, gr.bn_weight, "bn_weight");
+            check!(betas, gr.bn_bias, "bn_bias");
+            if bias {
+                check!(biases, gr.conv_bias, "conv_bias");
+            } else {
+                assert!(gr.conv_bias.is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn bad_arguments_are_errors() {
+        let case = Case::new(1, 4, 6, 2, 6, false, true);
+        let mut cfg = case.cfg;
+        cfg.groups = 4;
+        assert_eq!(forward(&cfg, &case.x, 4, 2, &case.params(), case.running()).unwrap_err().arg, "groups");
+        assert_eq!(forward(&case.cfg, &case.x, 1, 2, &case.params(), case.running()).unwrap_err().arg, "x");
+        assert_eq!(
+            forward(&case.cfg, &case.x[..10], 4, 2, &case.params(), case.running()).unwrap_err().arg,
+            "x"
+        );
+        let short = Running { mean: &case.rm, var: &case.rv[..3] };
+        assert_eq!(forward(&case.cfg, &case.x, 4, 2, &case.params(), short).unwrap_err().arg, "running_var");
+        let f = forward(&case.cfg, &case.x, 4, 2, &case.params(), case.running()).unwrap();
+        let e =
+            backward(&case.cfg, &case.x[1..], &case.x, 4, 2, &case.params(), &f.pooled, &f.mean, &f.invstd);
+        assert_eq!(e.unwrap_err().arg, "grad_out");
+        let single = Case::new(1, 1, 6, 2, 6, false, false);
+        assert!(forward(&single.cfg, &single.x, 1, 2, &single.params(), single.running()).is_ok());
+    }
+}
