@@ -91,3 +91,14 @@ def check_eps(value: object, name: str = "eps") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
     return float(value)
+
+
+def update_running_stats(bn: torch.nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var_unbiased: torch.Tensor) -> None:
+    """torch's BatchNorm running update from a batch's statistics (after the op has
+    succeeded, so a failed call changes nothing): momentum, or the cumulative average
+    when ``bn.momentum`` is None."""
+    with torch.no_grad():
+        bn.num_batches_tracked.add_(1)
+        momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        bn.running_mean.lerp_(mean, momentum)
+        bn.running_var.lerp_(var_unbiased, momentum)

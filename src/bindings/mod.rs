@@ -3,6 +3,7 @@
 //! of kernel errors and panics onto Python exceptions, and the thread pool the
 //! kernels run in with the GIL released.
 
+mod ab;
 mod array;
 mod ffc;
 
@@ -94,6 +95,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_in_kernel, m)?)?;
+    m.add_class::<ab::Ab>()?;
     m.add_class::<ffc::Ffc>()?;
     Ok(())
 }

@@ -2,6 +2,7 @@
 as the fast modules, computed the straightforward way. The tests compare against
 them; they are also a readable statement of what each module computes."""
 
+from .ab import AB
 from .ffc import FFC, vote_scores
 
-__all__ = ["FFC", "vote_scores"]
+__all__ = ["AB", "FFC", "vote_scores"]

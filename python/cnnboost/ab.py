@@ -1,0 +1,170 @@
+"""AB — Accuracy Booster block, on the Rust kernels (custom ops ``cnnboost::ab_forward``
+and ``cnnboost::ab_backward``)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import _core
+from ._torch import autocast_input, check_eps, check_int, check_tensor, from_numpy, to_numpy, update_running_stats
+
+__all__ = ["AB"]
+
+
+@functools.lru_cache(maxsize=64)
+def _kernels(channels: int, groups: int, eps: float) -> _core.AB:
+    return _core.AB(channels, groups, eps)
+
+
+def _np(t: Optional[Tensor]):
+    return None if t is None else to_numpy(t)
+
+
+@torch.library.custom_op("cnnboost::ab_forward", mutates_args=())
+def ab_forward(
+    x: Tensor,
+    conv_weight: Tensor,
+    conv_bias: Optional[Tensor],
+    bn_weight: Tensor,
+    bn_bias: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    groups: int,
+    eps: float,
+    training: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (out, pooled, mean, invstd, var_unbiased); var_unbiased is empty in eval."""
+    k = _kernels(x.shape[1], groups, eps)
+    arrays = k.forward(
+        to_numpy(x), to_numpy(conv_weight), _np(conv_bias), to_numpy(bn_weight), to_numpy(bn_bias),
+        to_numpy(running_mean), to_numpy(running_var), training,
+    )
+    return tuple(from_numpy(a) for a in arrays)  # type: ignore[return-value]
+
+
+@ab_forward.register_fake
+def _(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, groups, eps, training):
+    n, c = x.shape[0], x.shape[1]
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        x.new_empty((n, c)),
+        x.new_empty((c,)),
+        x.new_empty((c,)),
+        x.new_empty((c,) if training else (0,)),
+    )
+
+
+@torch.library.custom_op("cnnboost::ab_backward", mutates_args=())
+def ab_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    pooled: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    conv_weight: Tensor,
+    conv_bias: Optional[Tensor],
+    bn_weight: Tensor,
+    bn_bias: Tensor,
+    groups: int,
+    eps: float,
+    training: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (grad_x, grad_conv_weight, grad_conv_bias (empty without a bias),
+    grad_bn_weight, grad_bn_bias)."""
+    k = _kernels(x.shape[1], groups, eps)
+    arrays = k.backward(
+        to_numpy(grad_out), to_numpy(x), to_numpy(pooled), to_numpy(mean), to_numpy(invstd),
+        to_numpy(conv_weight), _np(conv_bias), to_numpy(bn_weight), to_numpy(bn_bias), training,
+    )
+    return tuple(from_numpy(a) for a in arrays)  # type: ignore[return-value]
+
+
+@ab_backward.register_fake
+def _(grad_out, x, pooled, mean, invstd, conv_weight, conv_bias, bn_weight, bn_bias, groups, eps, training):
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(conv_weight),
+        x.new_empty((x.shape[1],) if conv_bias is not None else (0,)),
+        torch.empty_like(bn_weight),
+        torch.empty_like(bn_bias),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, conv_weight, conv_bias, bn_weight, bn_bias, _, _, groups, eps, training = inputs
+    _, pooled, mean, invstd, _ = output
+    ctx.save_for_backward(x, pooled, mean, invstd, conv_weight, conv_bias, bn_weight, bn_bias)
+    ctx.config = (groups, eps, training)
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward(ctx, grad_out, *_):
+    x, pooled, mean, invstd, conv_weight, conv_bias, bn_weight, bn_bias = ctx.saved_tensors
+    gx, gw, gb, gbw, gbb = ab_backward(grad_out.contiguous(), x, pooled, mean, invstd, conv_weight, conv_bias,
+                                       bn_weight, bn_bias, *ctx.config)
+    return gx, gw, (gb if conv_bias is not None else None), gbw, gbb, None, None, None, None, None
+
+
+ab_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class AB(nn.Module):
+    r"""Accuracy Booster block: channel recalibration of a feature map.
+
+    ``y = GAP(x)``; ``t = Conv1x1(y, groups)``; ``p = sigmoid(BatchNorm(t))``;
+    ``out = p[:, :, None, None] * x``. ``groups=None`` (default) is the depthwise
+    AB block; ``groups=1`` is AB-Plus; any divisor of ``channels`` works (the
+    paper's Table 15). The convolution has no bias by default (BatchNorm follows).
+
+    BatchNorm is torch's: batch statistics and a running update (``momentum``,
+    unbiased variance; ``momentum=None`` is a cumulative average) in training, the
+    running statistics in eval. A call that raises changes no parameter, buffer or
+    counter (torch bumps ``num_batches_tracked`` before it rejects a batch of one).
+
+    Submodules ``conv`` (``nn.Conv2d(C, C, 1, groups)``) and ``bn``
+    (``nn.BatchNorm2d(C)``) hold the parameters, so the state_dict keys are
+    ``conv.weight`` ``[C, C/groups, 1, 1]``, ``conv.bias``, ``bn.{weight, bias,
+    running_mean, running_var, num_batches_tracked}``.
+
+    Example: insert into a residual block before the sum::
+
+        block.bn2 = nn.Sequential(block.bn2, cnnboost.AB(block.bn2.num_features))
+    """
+
+    def __init__(self, channels: int, groups: Optional[int] = None, bias: bool = False, eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1, device=None, dtype=None) -> None:
+        super().__init__()
+        self.channels = check_int("channels", channels, minimum=1)
+        g = channels if groups is None else check_int("groups", groups, minimum=1)
+        if channels % g:
+            raise ValueError(f"groups: expected a divisor of channels = {channels} (or None), got {g}")
+        self.groups = g
+        eps = check_eps(eps)
+        if momentum is not None and not (0.0 <= momentum <= 1.0):
+            raise ValueError(f"momentum: expected a number in [0, 1] or None, got {momentum!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.conv = nn.Conv2d(channels, channels, 1, groups=g, bias=bias, **factory)
+        self.bn = nn.BatchNorm2d(channels, eps=eps, momentum=momentum, **factory)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = autocast_input(x, self.bn.weight)
+        check_tensor("x", x, ndims=(4,), like=self.bn.weight, layout_doc=" [N, C, H, W]")
+        if x.shape[1] != self.channels:
+            raise ValueError(f"x: expected {self.channels} channels in dim 1, got shape {tuple(x.shape)}")
+        if x.shape[2] * x.shape[3] == 0:
+            raise ValueError(f"x: expected a non-empty H×W plane, got shape {tuple(x.shape)}")
+        if self.training and x.shape[0] < 2:
+            raise ValueError(f"x: expected more than 1 sample in training (batch statistics), got shape {tuple(x.shape)}")
+        bn = self.bn
+        out, _, mean, _, var = ab_forward(x, self.conv.weight, self.conv.bias, bn.weight, bn.bias,
+                                          bn.running_mean, bn.running_var, self.groups, bn.eps, self.training)
+        if self.training:
+            update_running_stats(bn, mean, var)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, groups={self.groups}"

@@ -1,0 +1,261 @@
+//! `cnnboost._core.AB`: the AB kernels for NumPy arrays and DLPack objects.
+
+use super::array::{dispatch, expect_rank, expect_shape, input, output, tuple, Input};
+use super::{compute, to_py_err};
+use crate::kernels::ab::{self, Config, Params, Running};
+use crate::kernels::Float;
+use numpy::Element;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+
+/// Accuracy Booster block kernels (forward, backward).
+///
+/// The object holds only the hyper-parameters; parameters and running statistics are
+/// passed to each call: `conv_weight` `[C, C/groups, 1, 1]` (or `[C, C/groups]`),
+/// `conv_bias` `[C]` or None, `bn_weight`/`bn_bias`/`running_mean`/`running_var`
+/// `[C]`. The running statistics are only read (in eval); in training the forward
+/// returns the batch mean and unbiased variance for the caller's running update.
+#[pyclass(module = "cnnboost._core", name = "AB", frozen)]
+pub struct Ab {
+    channels: usize,
+    groups: usize,
+    eps: f64,
+}
+
+/// The parameters of one call, read and checked.
+struct Call<'py, T: Element> {
+    w: Input<'py, T>,
+    b: Option<Input<'py, T>>,
+    gamma: Input<'py, T>,
+    beta: Input<'py, T>,
+}
+
+impl<'py, T: Element + Float> Call<'py, T> {
+    fn read(
+        ab: &Ab,
+        conv_weight: &Bound<'py, PyAny>,
+        conv_bias: Option<&Bound<'py, PyAny>>,
+        bn_weight: &Bound<'py, PyAny>,
+        bn_bias: &Bound<'py, PyAny>,
+    ) -> PyResult<Self> {
+        let c = ab.channels;
+        let cg = c / ab.groups;
+        let w = input::<T>(conv_weight, "conv_weight")?;
+        if w.shape().len() == 4 {
+            expect_shape("conv_weight", w.shape(), &[c, cg, 1, 1])?;
+        } else {
+            expect_shape("conv_weight", w.shape(), &[c, cg])?;
+        }
+        let b = conv_bias.map(|b| input::<T>(b, "conv_bias")).transpose()?;
+        if let Some(b) = &b {
+            expect_shape("conv_bias", b.shape(), &[c])?;
+        }
+        let gamma = input::<T>(bn_weight, "bn_weight")?;
+        expect_shape("bn_weight", gamma.shape(), &[c])?;
+        let beta = input::<T>(bn_bias, "bn_bias")?;
+        expect_shape("bn_bias", beta.shape(), &[c])?;
+        Ok(Call { w, b, gamma, beta })
+    }
+    fn params(&self) -> Params<'_, T> {
+        Params {
+            conv_weight: self.w.slice(),
+            conv_bias: self.b.as_ref().map(|b| b.slice()),
+            bn_weight: self.gamma.slice(),
+            bn_bias: self.beta.slice(),
+        }
+    }
+}
+
+impl Ab {
+    fn config(&self, training: bool) -> Config {
+        Config { channels: self.channels, groups: self.groups, eps: self.eps, training }
+    }
+
+    /// `(N, H*W)` of an `[N, C, H, W]` map with this block's channel count.
+    fn map_dims(&self, arg: &str, shape: &[usize]) -> PyResult<(usize, usize)> {
+        let s = expect_rank(arg, shape, 4, "[N, C, H, W]")?;
+        if s[1] != self.channels {
+            return Err(PyValueError::new_err(format!(
+                "{arg}: expected {} channels in dim 1, got shape {}",
+                self.channels,
+                super::array::fmt_shape(shape)
+            )));
+        }
+        let hw =
+            s[2].checked_mul(s[3]).ok_or_else(|| PyValueError::new_err(format!("{arg}: H*W overflows")))?;
+        Ok((s[0], hw))
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward_t<'py, T: Element + Float>(
+    x: &Bound<'py, PyAny>,
+    ab: &Ab,
+    conv_weight: &Bound<'py, PyAny>,
+    conv_bias: Option<&Bound<'py, PyAny>>,
+    bn_weight: &Bound<'py, PyAny>,
+    bn_bias: &Bound<'py, PyAny>,
+    running_mean: &Bound<'py, PyAny>,
+    running_var: &Bound<'py, PyAny>,
+    training: bool,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let py = x.py();
+    let xa = input::<T>(x, "x")?;
+    let shape = xa.shape().to_vec();
+    let (n, hw) = ab.map_dims("x", &shape)?;
+    let call = Call::<T>::read(ab, conv_weight, conv_bias, bn_weight, bn_bias)?;
+    let rm = input::<T>(running_mean, "running_mean")?;
+    expect_shape("running_mean", rm.shape(), &[ab.channels])?;
+    let rv = input::<T>(running_var, "running_var")?;
+    expect_shape("running_var", rv.shape(), &[ab.channels])?;
+    let cfg = ab.config(training);
+    let (xs, p, running) = (xa.slice(), call.params(), Running { mean: rm.slice(), var: rv.slice() });
+    let f = compute(py, || ab::forward(&cfg, xs, n, hw, &p, running))?.map_err(to_py_err)?;
+    let c = ab.channels;
+    let var_len = f.var_unbiased.len();
+    tuple(
+        py,
+        vec![
+            output(py, f.out, &shape)?,
+            output(py, f.pooled, &[n, c])?,
+            output(py, f.mean, &[c])?,
+            output(py, f.invstd, &[c])?,
+            output(py, f.var_unbiased, &[var_len])?,
+        ],
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_t<'py, T: Element + Float>(
+    grad_out: &Bound<'py, PyAny>,
+    ab: &Ab,
+    x: &Bound<'py, PyAny>,
+    pooled: &Bound<'py, PyAny>,
+    mean: &Bound<'py, PyAny>,
+    invstd: &Bound<'py, PyAny>,
+    conv_weight: &Bound<'py, PyAny>,
+    conv_bias: Option<&Bound<'py, PyAny>>,
+    bn_weight: &Bound<'py, PyAny>,
+    bn_bias: &Bound<'py, PyAny>,
+    training: bool,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let py = grad_out.py();
+    let go = input::<T>(grad_out, "grad_out")?;
+    let xa = input::<T>(x, "x")?;
+    let shape = xa.shape().to_vec();
+    let (n, hw) = ab.map_dims("x", &shape)?;
+    expect_shape("grad_out", go.shape(), &shape)?;
+    let c = ab.channels;
+    let y = input::<T>(pooled, "pooled")?;
+    expect_shape("pooled", y.shape(), &[n, c])?;
+    let mu = input::<T>(mean, "mean")?;
+    expect_shape("mean", mu.shape(), &[c])?;
+    let is = input::<T>(invstd, "invstd")?;
+    expect_shape("invstd", is.shape(), &[c])?;
+    let call = Call::<T>::read(ab, conv_weight, conv_bias, bn_weight, bn_bias)?;
+    let cfg = ab.config(training);
+    let (gos, xs, ys, mus, iss, p) =
+        (go.slice(), xa.slice(), y.slice(), mu.slice(), is.slice(), call.params());
+    let g = compute(py, || ab::backward(&cfg, gos, xs, n, hw, &p, ys, mus, iss))?.map_err(to_py_err)?;
+    let cg = c / ab.groups;
+    let bias_len = g.conv_bias.len();
+    tuple(
+        py,
+        vec![
+            output(py, g.x, &shape)?,
+            output(py, g.conv_weight, &[c, cg, 1, 1])?,
+            output(py, g.conv_bias, &[bias_len])?,
+            output(py, g.bn_weight, &[c])?,
+            output(py, g.bn_bias, &[c])?,
+        ],
+    )
+}
+
+#[pymethods]
+impl Ab {
+    /// `groups=None` is depthwise (the AB block), `groups=1` is AB-Plus; any divisor
+    /// of `channels` works.
+    #[new]
+    #[pyo3(signature = (channels, groups = None, eps = 1e-5))]
+    fn new(channels: i64, groups: Option<i64>, eps: f64) -> PyResult<Self> {
+        if channels < 1 {
+            return Err(PyValueError::new_err(format!("channels: expected an integer >= 1, got {channels}")));
+        }
+        let g = groups.unwrap_or(channels);
+        if g < 1 || channels % g != 0 {
+            return Err(PyValueError::new_err(format!(
+                "groups: expected a divisor of channels = {channels} (or None), got {g}"
+            )));
+        }
+        if !(eps.is_finite() && eps > 0.0) {
+            return Err(PyValueError::new_err(format!("eps: expected a finite number > 0, got {eps}")));
+        }
+        Ok(Ab { channels: channels as usize, groups: g as usize, eps })
+    }
+
+    #[getter]
+    fn channels(&self) -> usize {
+        self.channels
+    }
+    #[getter]
+    fn groups(&self) -> usize {
+        self.groups
+    }
+    #[getter]
+    fn eps(&self) -> f64 {
+        self.eps
+    }
+
+    fn __repr__(&self) -> String {
+        format!("AB(channels={}, groups={}, eps={})", self.channels, self.groups, self.eps)
+    }
+
+    /// Forward of `x` `[N, C, H, W]`. Returns `(out, pooled, mean, invstd,
+    /// var_unbiased)`: `out` like `x`; `pooled` `[N, C]`, `mean`/`invstd` `[C]` (the
+    /// batch's in training, from the running statistics in eval) for `backward`;
+    /// `var_unbiased` `[C]` in training (for the running update), empty in eval.
+    #[pyo3(signature = (x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training))]
+    #[allow(clippy::too_many_arguments)]
+    fn forward<'py>(
+        &self,
+        x: &Bound<'py, PyAny>,
+        conv_weight: &Bound<'py, PyAny>,
+        conv_bias: Option<&Bound<'py, PyAny>>,
+        bn_weight: &Bound<'py, PyAny>,
+        bn_bias: &Bound<'py, PyAny>,
+        running_mean: &Bound<'py, PyAny>,
+        running_var: &Bound<'py, PyAny>,
+        training: bool,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        dispatch!(
+            x,
+            "x",
+            forward_t(self, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training)
+        )
+    }
+
+    /// Backward. Returns `(grad_x, grad_conv_weight [C, C/groups, 1, 1],
+    /// grad_conv_bias ([C], or empty without a bias), grad_bn_weight, grad_bn_bias)`.
+    #[pyo3(signature = (grad_out, x, pooled, mean, invstd, conv_weight, conv_bias, bn_weight, bn_bias, training))]
+    #[allow(clippy::too_many_arguments)]
+    fn backward<'py>(
+        &self,
+        grad_out: &Bound<'py, PyAny>,
+        x: &Bound<'py, PyAny>,
+        pooled: &Bound<'py, PyAny>,
+        mean: &Bound<'py, PyAny>,
+        invstd: &Bound<'py, PyAny>,
+        conv_weight: &Bound<'py, PyAny>,
+        conv_bias: Option<&Bound<'py, PyAny>>,
+        bn_weight: &Bound<'py, PyAny>,
+        bn_bias: &Bound<'py, PyAny>,
+        training: bool,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        dispatch!(
+            grad_out,
+            "grad_out",
+            backward_t(self, x, pooled, mean, invstd, conv_weight, conv_bias, bn_weight, bn_bias, training)
+        )
+    }
+}
