@@ -52,7 +52,23 @@ def ffc_cases() -> List[Case]:
     ]
 
 
-CASE_GROUPS = {"ffc": ffc_cases}
+def ab_cases() -> List[Case]:
+    cases = []
+    for n, c, h, groups, label in [(32, 256, 56, None, "ab"), (32, 2048, 7, None, "ab"), (32, 512, 28, 1, "ab-plus")]:
+        size = n * c * h * h * 4
+        make = (lambda c, g: lambda cls: cls(c, groups=g))(c, groups)
+        shape = (n, c, h, h)
+        for train in (True, False):
+            cases.append(Case(
+                f"{label} {'train' if train else 'eval'} {n}x{c}x{h}x{h}", make, cnnboost.AB, reference.AB,
+                (lambda s, t: lambda: [torch.randn(s, requires_grad=t)])(shape, train), train,
+                # forward: read x twice, write out; backward: read grad and x, read grad, write grad_x
+                bytes=(7 if train else 3) * size,
+            ))
+    return cases
+
+
+CASE_GROUPS = {"ffc": ffc_cases, "ab": ab_cases}
 
 
 def machine_rates():

@@ -3,7 +3,7 @@
 //! product of two maps plane by plane, and scaling (plus a shift) of every plane.
 //! These are the memory-bound passes of AB and AFI (and FFC/SSM's pooling).
 
-use super::Float;
+use super::{output_buffer, Float};
 use rayon::prelude::*;
 
 /// Planes per rayon task: enough work per task to amortise scheduling.
@@ -82,30 +82,24 @@ pub fn plane_dots<T: Float>(a: &[T], b: &[T], hw: usize) -> Vec<f64> {
 /// `out[p, :] = scale[p] · src[p, :] + shift[p]` for every plane `p` (no shift when
 /// `shift` is `None`), into a new map.
 pub fn scale_planes<T: Float>(src: &[T], scale: &[T], shift: Option<&[T]>, hw: usize) -> Vec<T> {
-    let mut out = vec![T::zero(); src.len()];
-    if hw == 0 {
-        return out;
-    }
+    assert!(hw > 0 && src.len() % hw == 0, "scale_planes: the map is not whole planes");
+    let planes = src.len() / hw;
+    assert!(scale.len() >= planes && shift.is_none_or(|b| b.len() >= planes), "scale_planes: short scale");
+    let mut out = output_buffer::<T>(src.len());
     let per = planes_per_task(hw);
-    out.par_chunks_mut(per * hw).zip(src.par_chunks(per * hw)).enumerate().for_each(|(task, (o, s))| {
+    let spare = &mut out.spare_capacity_mut()[..src.len()];
+    spare.par_chunks_mut(per * hw).zip(src.par_chunks(per * hw)).enumerate().for_each(|(task, (o, s))| {
         for (i, (op, sp)) in o.chunks_exact_mut(hw).zip(s.chunks_exact(hw)).enumerate() {
             let p = task * per + i;
-            let a = scale[p];
-            match shift {
-                Some(b) => {
-                    let b = b[p];
-                    for (d, &v) in op.iter_mut().zip(sp) {
-                        *d = a * v + b;
-                    }
-                }
-                None => {
-                    for (d, &v) in op.iter_mut().zip(sp) {
-                        *d = a * v;
-                    }
-                }
+            let (a, b) = (scale[p], shift.map_or(T::zero(), |b| b[p]));
+            for (d, &v) in op.iter_mut().zip(sp) {
+                d.write(a * v + b);
             }
         }
     });
+    // SAFETY: the chunks above cover `src.len()` elements, whole planes each (the
+    // length is a multiple of `hw`), and every element of every plane was written.
+    unsafe { out.set_len(src.len()) };
     out
 }
 
