@@ -38,3 +38,26 @@ def test_attach_rejects_unknown_heads_and_models_without_linear():
         models.attach_head(torchvision.models.resnet18(), "mlp")
     with pytest.raises(ValueError, match="model"):
         models.attach_head(nn.Conv2d(3, 3, 1), "ffc")
+
+
+@pytest.mark.parametrize("arch, attr, blocks", [("resnet18", "bn2", 8), ("resnet50", "bn3", 16)])
+def test_insert_ab_into_every_residual_block(arch, attr, blocks):
+    model = getattr(torchvision.models, arch)(num_classes=4)
+    models.insert_ab(model)
+    abs_ = [m for m in model.modules() if isinstance(m, cnnboost.AB)]
+    assert len(abs_) == blocks
+    assert isinstance(getattr(model.layer1[0], attr)[1], cnnboost.AB)
+    models.insert_ab(model)  # idempotent
+    assert len([m for m in model.modules() if isinstance(m, cnnboost.AB)]) == blocks
+    x = torch.randn(2, 3, 32, 32)
+    model(x).sum().backward()
+    assert abs_[0].conv.weight.grad is not None
+    model.eval()
+    assert model(x).shape == (2, 4)
+
+
+def test_insert_ab_plus_and_bad_model():
+    model = models.insert_ab(torchvision.models.resnet18(), groups=1)
+    assert all(m.groups == 1 for m in model.modules() if isinstance(m, cnnboost.AB))
+    with pytest.raises(ValueError, match="model"):
+        models.insert_ab(nn.Sequential(nn.Linear(2, 2)))

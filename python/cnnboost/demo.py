@@ -31,17 +31,23 @@ def load_digits(seed: int):
     return x[:cut], y[:cut], x[cut:], y[cut:]
 
 
-def conv_bn(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+def conv_bn(cin: int, cout: int, booster: bool = False) -> nn.Sequential:
+    """conv 3×3 → BN (→ AB) → ReLU: AB recalibrates the normalised block output."""
+    layers = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout)]
+    if booster:
+        layers.append(cnnboost.AB(cout))
+    return nn.Sequential(*layers, nn.ReLU())
 
 
 class SmallCNN(nn.Module):
     """conv(32) → conv(64) → pool → conv(128) on 8×8 inputs, then a head on the
-    [N, 128, 4, 4] feature map."""
+    [N, 128, 4, 4] feature map; `booster=True` puts an AB block in every conv block."""
 
-    def __init__(self, head: nn.Module):
+    def __init__(self, head: nn.Module, booster: bool = False):
         super().__init__()
-        self.features = nn.Sequential(conv_bn(1, 32), conv_bn(32, 64), nn.MaxPool2d(2), conv_bn(64, 128))
+        self.features = nn.Sequential(
+            conv_bn(1, 32, booster), conv_bn(32, 64, booster), nn.MaxPool2d(2), conv_bn(64, 128, booster)
+        )
         self.head = head
 
     def forward(self, x):
@@ -60,6 +66,7 @@ class LinearHead(nn.Module):
 VARIANTS: Dict[str, Callable[[], nn.Module]] = {
     "baseline": lambda: SmallCNN(LinearHead(128, 10)),
     "ffc": lambda: SmallCNN(cnnboost.FFC(128, 10)),
+    "ab": lambda: SmallCNN(LinearHead(128, 10), booster=True),
 }
 
 

@@ -10,7 +10,7 @@ from typing import Callable, Dict, Tuple
 
 from torch import nn
 
-__all__ = ["attach_head", "find_classifier", "HEADS"]
+__all__ = ["attach_head", "find_classifier", "insert_ab", "HEADS"]
 
 
 def _ffc(in_features: int, num_classes: int, **kwargs) -> nn.Module:
@@ -61,4 +61,29 @@ def attach_head(model: nn.Module, head: str = "ffc", **kwargs) -> nn.Module:
     if isinstance(fc, nn.Linear) and linear.bias is not None:
         fc.load_state_dict(linear.state_dict())
     setattr(parent, name, new)
+    return model
+
+
+def insert_ab(model: nn.Module, groups=None, **kwargs) -> nn.Module:
+    """Puts an AB block into every residual block of a torchvision ResNet, on the
+    residual branch just before the sum (the AB paper's placement): the last
+    BatchNorm of each ``BasicBlock`` (``bn2``) or ``Bottleneck`` (``bn3``) becomes
+    ``Sequential(bn, AB(C))``. ``groups=1`` inserts AB-Plus. In place; returns the
+    model. Blocks that already have one are left alone."""
+    from .ab import AB
+
+    count = 0
+    for block in model.modules():
+        kind = type(block).__name__
+        attr = {"BasicBlock": "bn2", "Bottleneck": "bn3"}.get(kind)
+        if attr is None:
+            continue
+        bn = getattr(block, attr)
+        if isinstance(bn, nn.Sequential) and any(isinstance(m, AB) for m in bn):
+            continue
+        ab = AB(bn.num_features, groups=groups, device=bn.weight.device, dtype=bn.weight.dtype, **kwargs)
+        setattr(block, attr, nn.Sequential(bn, ab))
+        count += 1
+    if count == 0 and not any(isinstance(m, AB) for m in model.modules()):
+        raise ValueError(f"model: expected a ResNet with BasicBlock/Bottleneck blocks, found none in {type(model).__name__}")
     return model
