@@ -1,0 +1,66 @@
+//! AB kernels at the paper's shapes. `cargo bench --bench ab`
+
+use cnnboost::kernels::ab::{self, Config, Params, Running};
+use divan::Bencher;
+
+fn main() {
+    divan::main();
+}
+
+fn data(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..len)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        })
+        .collect()
+}
+
+/// (N, C, H·W, groups): AB on ResNet stage 1 and 4, AB-Plus on stage 2.
+const SHAPES: [(usize, usize, usize, usize); 3] = [(32, 256, 56 * 56, 256), (32, 2048, 49, 2048), (32, 512, 28 * 28, 1)];
+
+struct Setup {
+    cfg: Config,
+    n: usize,
+    hw: usize,
+    x: Vec<f32>,
+    w: Vec<f32>,
+    ones: Vec<f32>,
+    zeros: Vec<f32>,
+}
+
+impl Setup {
+    fn new(i: usize, training: bool) -> Self {
+        let (n, c, hw, g) = SHAPES[i];
+        Setup {
+            cfg: Config { channels: c, groups: g, eps: 1e-5, training },
+            n,
+            hw,
+            x: data(n * c * hw, 1),
+            w: data(c * c / g, 2),
+            ones: vec![1.0; c],
+            zeros: vec![0.0; c],
+        }
+    }
+    fn params(&self) -> Params<'_, f32> {
+        Params { conv_weight: &self.w, conv_bias: None, bn_weight: &self.ones, bn_bias: &self.zeros }
+    }
+    fn running(&self) -> Running<'_, f32> {
+        Running { mean: &self.zeros, var: &self.ones }
+    }
+}
+
+#[divan::bench(args = [0, 1, 2], sample_count = 20)]
+fn forward_train(b: Bencher, i: usize) {
+    let s = Setup::new(i, true);
+    b.bench(|| ab::forward(&s.cfg, &s.x, s.n, s.hw, &s.params(), s.running()).unwrap());
+}
+
+#[divan::bench(args = [0, 1, 2], sample_count = 20)]
+fn backward_train(b: Bencher, i: usize) {
+    let s = Setup::new(i, true);
+    let f = ab::forward(&s.cfg, &s.x, s.n, s.hw, &s.params(), s.running()).unwrap();
+    let g = data(s.x.len(), 3);
+    b.bench(|| ab::backward(&s.cfg, &g, &s.x, s.n, s.hw, &s.params(), &f.pooled, &f.mean, &f.invstd).unwrap());
+}
