@@ -15,7 +15,7 @@ use numpy::{
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDict, PyTuple};
+use pyo3::types::{PyDict, PyList, PyTuple};
 
 /// The element types the kernels take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,6 +150,59 @@ pub fn fmt_shape(s: &[usize]) -> String {
     }
 }
 
+/// `(N, C, H*W)` of an `[N, C]` or `[N, C, H, W]` input `x` (`H*W = 1` for 2-d).
+pub fn input_dims(shape: &[usize]) -> PyResult<(usize, usize, usize)> {
+    match *shape {
+        [n, c] => Ok((n, c, 1)),
+        [n, c, h, w] => match h.checked_mul(w) {
+            Some(0) => Err(PyValueError::new_err(format!(
+                "x: expected a non-empty H×W plane to average over, got shape {}",
+                fmt_shape(shape)
+            ))),
+            Some(hw) => Ok((n, c, hw)),
+            None => Err(PyValueError::new_err("x: H*W overflows")),
+        },
+        _ => Err(PyValueError::new_err(format!(
+            "x: expected a 2-d [N, C] or 4-d [N, C, H, W] array, got shape {}",
+            fmt_shape(shape)
+        ))),
+    }
+}
+
+/// Calls `$f::<T>(array, args…)` with `T` the element type of `$arr` (f32 or f64),
+/// `$arr` read as a NumPy array; a `TypeError` naming `$arg` for any other type.
+macro_rules! dispatch {
+    ($arr:expr, $arg:literal, $f:ident ( $($a:expr),* )) => {{
+        let arr = $crate::bindings::array::to_numpy($arr, $arg)?;
+        match $crate::bindings::array::dtype_of(&arr, $arg)? {
+            $crate::bindings::array::DType::F32 => $f::<f32>(arr.as_any(), $($a),*),
+            $crate::bindings::array::DType::F64 => $f::<f64>(arr.as_any(), $($a),*),
+        }
+    }};
+}
+pub(crate) use dispatch;
+
+/// The items of a list or tuple argument of `len` items (`what` says why that many).
+pub fn items<'py>(obj: &Bound<'py, PyAny>, arg: &str, len: usize, what: &str) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    let items: Vec<Bound<'py, PyAny>> = if let Ok(l) = obj.cast::<PyList>() {
+        l.iter().collect()
+    } else if let Ok(t) = obj.cast::<PyTuple>() {
+        t.iter().collect()
+    } else {
+        return Err(PyTypeError::new_err(format!(
+            "{arg}: expected a list of {len} arrays ({what}), got {}",
+            type_name(obj)
+        )));
+    };
+    if items.len() != len {
+        return Err(PyValueError::new_err(format!(
+            "{arg}: expected a list of {len} arrays ({what}), got {} arrays",
+            items.len()
+        )));
+    }
+    Ok(items)
+}
+
 /// A kernel's result as a NumPy array of the given shape, without a copy.
 pub fn output<'py, T: Element>(
     py: Python<'py>,
@@ -164,4 +217,9 @@ pub fn output<'py, T: Element>(
 /// A tuple of outputs.
 pub fn tuple<'py>(py: Python<'py>, items: Vec<Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyTuple>> {
     PyTuple::new(py, items)
+}
+
+/// A list of outputs, as a Python object.
+pub fn list<'py>(py: Python<'py>, items: Vec<Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyAny>> {
+    Ok(PyList::new(py, items)?.into_any())
 }

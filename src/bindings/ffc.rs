@@ -1,6 +1,6 @@
 //! `cnnboost._core.FFC`: the FFC kernels for NumPy arrays and DLPack objects.
 
-use super::array::{dtype_of, expect_rank, expect_shape, fmt_shape, input, output, to_numpy, tuple, DType};
+use super::array::{dispatch, expect_rank, expect_shape, input, input_dims, output, tuple};
 use super::{compute, to_py_err};
 use crate::kernels::ffc::{self, Combine, Config, Dims, Outputs, Params};
 use crate::kernels::pool::global_avg_pool;
@@ -58,30 +58,6 @@ impl<'py, T: Element + Float> Call<'py, T> {
             fc_bias: self.fb.slice(),
         }
     }
-}
-
-/// `(N, C, H*W)` of an `[N, C]` or `[N, C, H, W]` input.
-fn input_dims(shape: &[usize]) -> PyResult<(usize, usize, usize)> {
-    match *shape {
-        [n, c] => Ok((n, c, 1)),
-        [n, c, h, w] => {
-            Ok((n, c, h.checked_mul(w).ok_or_else(|| PyValueError::new_err("x: H*W overflows"))?))
-        }
-        _ => Err(PyValueError::new_err(format!(
-            "x: expected a 2-d [N, C] or 4-d [N, C, H, W] array, got shape {}",
-            fmt_shape(shape)
-        ))),
-    }
-}
-
-macro_rules! dispatch {
-    ($arr:expr, $arg:literal, $f:ident ( $($a:expr),* )) => {{
-        let arr = to_numpy($arr, $arg)?;
-        match dtype_of(&arr, $arg)? {
-            DType::F32 => $f::<f32>(arr.as_any(), $($a),*),
-            DType::F64 => $f::<f64>(arr.as_any(), $($a),*),
-        }
-    }};
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -20,6 +20,7 @@
 
 use super::gemm::{matmul, Mat};
 use super::pool::global_avg_pool;
+pub use super::Outputs;
 use super::{check_len, checked_numel, column_totals, Error, Float, Result};
 use rayon::prelude::*;
 use std::borrow::Cow;
@@ -39,25 +40,6 @@ impl Combine {
             "paper" => Ok(Combine::Paper),
             "plain" => Ok(Combine::Plain),
             other => Err(Error::value("combine", "'paper' or 'plain'", format!("{other:?}"))),
-        }
-    }
-}
-
-/// What a forward call returns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outputs {
-    /// The mean of the J outputs' logits, `[N, K]`.
-    Ensemble,
-    /// Every output's logits, `[J, N, K]`.
-    All,
-}
-
-impl Outputs {
-    pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "ensemble" => Ok(Outputs::Ensemble),
-            "all" => Ok(Outputs::All),
-            other => Err(Error::value("outputs", "'ensemble' or 'all'", format!("{other:?}"))),
         }
     }
 }

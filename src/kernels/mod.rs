@@ -51,6 +51,25 @@ impl Float for f64 {
     }
 }
 
+/// What a classifier head's forward returns (FFC, SSM).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outputs {
+    /// The mean of the head's J outputs' logits, `[N, K]`.
+    Ensemble,
+    /// Every output's logits, `[J, N, K]`.
+    All,
+}
+
+impl Outputs {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "ensemble" => Ok(Outputs::Ensemble),
+            "all" => Ok(Outputs::All),
+            other => Err(Error::value("outputs", "'ensemble' or 'all'", format!("{other:?}"))),
+        }
+    }
+}
+
 /// Product of sizes with overflow checking, for shapes that come from callers.
 pub fn checked_numel(arg: &str, dims: &[usize]) -> Result<usize> {
     dims.iter()
