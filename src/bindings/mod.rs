@@ -5,6 +5,7 @@
 
 mod array;
 mod ffc;
+mod ssm;
 
 use crate::kernels;
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
@@ -95,5 +96,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_in_kernel, m)?)?;
     m.add_class::<ffc::Ffc>()?;
+    m.add_class::<ssm::Ssm>()?;
     Ok(())
 }
