@@ -91,3 +91,33 @@ def check_eps(value: object, name: str = "eps") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
     return float(value)
+
+
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {value!r}")
+    return value
+
+
+def check_momentum(value: object, name: str = "momentum") -> float | None:
+    """A BatchNorm momentum: a number in [0, 1], or None (cumulative average)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}: expected a number in [0, 1] or None, got {value!r}")
+    return float(value)
+
+
+def update_running_stats(bn: torch.nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor) -> None:
+    """What a torch BatchNorm does to its buffers in a training step, given the batch
+    mean and the unbiased batch variance: count the batch, then move ``running_mean``
+    and ``running_var`` towards them by ``bn.momentum`` (by ``1 / num_batches_tracked``,
+    a cumulative average, when the momentum is None)."""
+    with torch.no_grad():
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            factor = 1.0 / bn.num_batches_tracked.to(mean.dtype)
+        else:
+            factor = bn.momentum
+        bn.running_mean.mul_(1 - factor).add_(mean * factor)
+        bn.running_var.mul_(1 - factor).add_(var * factor)

@@ -3,5 +3,6 @@ as the fast modules, computed the straightforward way. The tests compare against
 them; they are also a readable statement of what each module computes."""
 
 from .ffc import FFC, vote_scores
+from .ssm import SSM
 
-__all__ = ["FFC", "vote_scores"]
+__all__ = ["FFC", "SSM", "vote_scores"]
