@@ -183,7 +183,12 @@ macro_rules! dispatch {
 pub(crate) use dispatch;
 
 /// The items of a list or tuple argument of `len` items (`what` says why that many).
-pub fn items<'py>(obj: &Bound<'py, PyAny>, arg: &str, len: usize, what: &str) -> PyResult<Vec<Bound<'py, PyAny>>> {
+pub fn items<'py>(
+    obj: &Bound<'py, PyAny>,
+    arg: &str,
+    len: usize,
+    what: &str,
+) -> PyResult<Vec<Bound<'py, PyAny>>> {
     let items: Vec<Bound<'py, PyAny>> = if let Ok(l) = obj.cast::<PyList>() {
         l.iter().collect()
     } else if let Ok(t) = obj.cast::<PyTuple>() {

@@ -1,6 +1,8 @@
 //! `cnnboost._core.SSM`: the SSM kernels for NumPy arrays and DLPack objects.
 
-use super::array::{dispatch, expect_rank, expect_shape, fmt_shape, input, input_dims, items, list, output, tuple, Input};
+use super::array::{
+    dispatch, expect_rank, expect_shape, fmt_shape, input, input_dims, items, list, output, tuple, Input,
+};
 use super::{compute, to_py_err};
 use crate::kernels::pool::global_avg_pool;
 use crate::kernels::ssm::{self, BnParams, Config, Head, Saved};
@@ -252,10 +254,7 @@ fn backward_t<'py, T: Element + Float>(
             gbb.push(output(py, hg.bn_bias, &[w])?);
         }
     }
-    tuple(
-        py,
-        vec![output(py, g.x, &[n, c])?, list(py, gw)?, list(py, gb)?, list(py, gbw)?, list(py, gbb)?],
-    )
+    tuple(py, vec![output(py, g.x, &[n, c])?, list(py, gw)?, list(py, gb)?, list(py, gbw)?, list(py, gbb)?])
 }
 
 #[pymethods]
@@ -264,7 +263,9 @@ impl Ssm {
     #[pyo3(signature = (num_heads = 4, norm_last_head = false, eps = 1e-5))]
     fn new(num_heads: i64, norm_last_head: bool, eps: f64) -> PyResult<Self> {
         if num_heads < 1 {
-            return Err(PyValueError::new_err(format!("num_heads: expected an integer >= 1, got {num_heads}")));
+            return Err(PyValueError::new_err(format!(
+                "num_heads: expected an integer >= 1, got {num_heads}"
+            )));
         }
         if !(eps.is_finite() && eps >= 0.0) {
             return Err(PyValueError::new_err(format!("eps: expected a finite number >= 0, got {eps}")));
@@ -331,7 +332,17 @@ impl Ssm {
         dispatch!(
             x,
             "x",
-            forward_t(self, fc_weights, fc_biases, bn_weights, bn_biases, running_means, running_vars, training, outputs)
+            forward_t(
+                self,
+                fc_weights,
+                fc_biases,
+                bn_weights,
+                bn_biases,
+                running_means,
+                running_vars,
+                training,
+                outputs
+            )
         )
     }
 
@@ -362,7 +373,8 @@ impl Ssm {
             grad_out,
             "grad_out",
             backward_t(
-                self, pooled, mean, invstd, fc_weights, fc_biases, bn_weights, bn_biases, hw, training, outputs
+                self, pooled, mean, invstd, fc_weights, fc_biases, bn_weights, bn_biases, hw, training,
+                outputs
             )
         )
     }
