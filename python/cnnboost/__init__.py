@@ -3,6 +3,7 @@ for convolutional networks, as drop-in ``torch.nn.Module``s.
 
 * ``cnnboost.FFC`` — Sequential Feature Filtering Classifier (a classifier head)
 * ``cnnboost.AB`` — Accuracy Booster block (channel recalibration)
+* ``cnnboost.SSM`` — Split-and-Share Module (a classifier head)
 
 Each module has a pure-torch twin in ``cnnboost.reference`` that computes the same
 thing the slow way (the tests compare against it). ``cnnboost._core`` holds the
@@ -34,9 +35,9 @@ __version__ = _core.__version__
 
 # The torch modules import torch; load them on first use so that a NumPy-only user
 # can `import cnnboost` and call `cnnboost._core` without torch installed.
-_TORCH_MODULES = {"AB": "ab", "FFC": "ffc", "reference": None, "models": None}
+_TORCH_MODULES = {"AB": "ab", "FFC": "ffc", "SSM": "ssm", "reference": None, "models": None}
 
-__all__ = ["AB", "FFC", "reference", "models", "get_num_threads", "set_num_threads", "__version__"]
+__all__ = ["AB", "FFC", "SSM", "reference", "models", "get_num_threads", "set_num_threads", "__version__"]
 
 
 def __getattr__(name: str):

@@ -6,13 +6,14 @@ layout that is not C-contiguous and aligned is copied first). Results are new Nu
 arrays. Bad arguments raise ``ValueError``/``TypeError`` naming the argument.
 """
 
-from typing import Any, Tuple
+from typing import Any, List, Tuple, Union
 
 import numpy as np
 from numpy.typing import NDArray
 
 ArrayLike = Any  # np.ndarray | object with __dlpack__
 Array = NDArray[np.floating]
+ArrayList = Union[List[ArrayLike], Tuple[ArrayLike, ...]]  # a list or tuple, one array per head
 
 __version__: str
 
@@ -75,3 +76,64 @@ class FFC:
         self, x: ArrayLike, ln_weight: ArrayLike, ln_bias: ArrayLike, fc_weight: ArrayLike, fc_bias: ArrayLike
     ) -> Array:
         """``[N, K]`` scores whose row-wise argmax is the voted class."""
+
+class SSM:
+    """Split-and-Share Module kernels. Holds only the hyper-parameters; parameters are
+    passed to each call as lists, with ``n = C / num_heads``: one array per head
+    (``fc_weights[h]`` ``[K, (h+1)·n]``, ``fc_biases[h]`` ``[K]``) and one per
+    normalised head, the first ``normalised_heads`` (``bn_weights[h]``,
+    ``bn_biases[h]``, ``running_means[h]``, ``running_vars[h]``, each ``[(h+1)·n]``).
+
+    >>> core = SSM(num_heads=4)
+    >>> out, mean, invstd, var, pooled = core.forward(x, fc_ws, fc_bs, bn_ws, bn_bs, rms, rvs)
+    >>> gx, g_fc_ws, g_fc_bs, g_bn_ws, g_bn_bs = core.backward(dout, x, mean, invstd, fc_ws, fc_bs, bn_ws, bn_bs)
+    """
+
+    def __init__(self, num_heads: int = 4, norm_last_head: bool = False, eps: float = 1e-5) -> None: ...
+    @property
+    def num_heads(self) -> int: ...
+    @property
+    def norm_last_head(self) -> bool: ...
+    @property
+    def eps(self) -> float: ...
+    @property
+    def normalised_heads(self) -> int:
+        """H: heads with BN + ReLU, ``num_heads - 1`` (``num_heads`` with norm_last_head)."""
+    def forward(
+        self,
+        x: ArrayLike,
+        fc_weights: ArrayList,
+        fc_biases: ArrayList,
+        bn_weights: ArrayList,
+        bn_biases: ArrayList,
+        running_means: ArrayList,
+        running_vars: ArrayList,
+        training: bool = True,
+        outputs: str = "ensemble",
+    ) -> Tuple[Array, Array, Array, Array, Array]:
+        """``x`` ``[N, C]`` or ``[N, C, H, W]``. Returns ``(out, mean, invstd, var,
+        pooled)``: ``out`` ``[N, K]`` ("ensemble": the heads' mean logits) or
+        ``[G, N, K]`` ("all"); ``mean``/``invstd`` what normalised each normalised head
+        (batch statistics in training, running ones in eval), concatenated head after
+        head (head ``h`` at ``n·h(h+1)/2 .. n·(h+1)(h+2)/2``); ``var`` the unbiased batch
+        variance in that layout (training; empty in eval), for the caller's
+        running-statistics update; ``pooled`` the ``[N, C]`` plane means of a 4-d ``x``
+        (empty for a 2-d ``x``). The running statistics are read in eval only."""
+    def backward(
+        self,
+        grad_out: ArrayLike,
+        pooled: ArrayLike,
+        mean: ArrayLike,
+        invstd: ArrayLike,
+        fc_weights: ArrayList,
+        fc_biases: ArrayList,
+        bn_weights: ArrayList,
+        bn_biases: ArrayList,
+        hw: int = 1,
+        training: bool = True,
+        outputs: str = "ensemble",
+    ) -> Tuple[Array, List[Array], List[Array], List[Array], List[Array]]:
+        """From the pooled ``[N, C]`` features (``x`` itself for a 2-d ``x``) and the
+        forward's ``mean``/``invstd``. Returns ``(grad_x, grad_fc_weights,
+        grad_fc_biases, grad_bn_weights, grad_bn_biases)``; ``grad_x`` is ``[N, C]``: for
+        a 4-d input with ``hw = H*W`` it is the gradient of every pixel of each plane."""

@@ -93,12 +93,31 @@ def check_eps(value: object, name: str = "eps") -> float:
     return float(value)
 
 
-def update_running_stats(bn: torch.nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var_unbiased: torch.Tensor) -> None:
-    """torch's BatchNorm running update from a batch's statistics (after the op has
-    succeeded, so a failed call changes nothing): momentum, or the cumulative average
-    when ``bn.momentum`` is None."""
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {value!r}")
+    return value
+
+
+def check_momentum(value: object, name: str = "momentum") -> float | None:
+    """A BatchNorm momentum: a number in [0, 1], or None (cumulative average)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}: expected a number in [0, 1] or None, got {value!r}")
+    return float(value)
+
+
+def update_running_stats(bn: torch.nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor) -> None:
+    """What a torch BatchNorm does to its buffers in a training step, given the batch
+    mean and the unbiased batch variance: count the batch, then move ``running_mean``
+    and ``running_var`` towards them by ``bn.momentum`` (by ``1 / num_batches_tracked``,
+    a cumulative average, when the momentum is None)."""
     with torch.no_grad():
         bn.num_batches_tracked.add_(1)
-        momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-        bn.running_mean.lerp_(mean, momentum)
-        bn.running_var.lerp_(var_unbiased, momentum)
+        if bn.momentum is None:
+            factor = 1.0 / bn.num_batches_tracked.to(mean.dtype)
+        else:
+            factor = bn.momentum
+        bn.running_mean.mul_(1 - factor).add_(mean * factor)
+        bn.running_var.mul_(1 - factor).add_(var * factor)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _core
-from ._torch import autocast_input, check_eps, check_int, check_tensor, from_numpy, to_numpy, update_running_stats
+from ._torch import autocast_input, check_eps, check_int, check_momentum, check_tensor, from_numpy, to_numpy, update_running_stats
 
 __all__ = ["AB"]
 
@@ -144,8 +144,7 @@ class AB(nn.Module):
             raise ValueError(f"groups: expected a divisor of channels = {channels} (or None), got {g}")
         self.groups = g
         eps = check_eps(eps)
-        if momentum is not None and not (0.0 <= momentum <= 1.0):
-            raise ValueError(f"momentum: expected a number in [0, 1] or None, got {momentum!r}")
+        momentum = check_momentum(momentum)
         factory = {"device": device, "dtype": dtype}
         self.conv = nn.Conv2d(channels, channels, 1, groups=g, bias=bias, **factory)
         self.bn = nn.BatchNorm2d(channels, eps=eps, momentum=momentum, **factory)

@@ -6,6 +6,7 @@
 mod ab;
 mod array;
 mod ffc;
+mod ssm;
 
 use crate::kernels;
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
@@ -97,5 +98,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_panic_in_kernel, m)?)?;
     m.add_class::<ab::Ab>()?;
     m.add_class::<ffc::Ffc>()?;
+    m.add_class::<ssm::Ssm>()?;
     Ok(())
 }

@@ -4,5 +4,6 @@ them; they are also a readable statement of what each module computes."""
 
 from .ab import AB
 from .ffc import FFC, vote_scores
+from .ssm import SSM
 
-__all__ = ["AB", "FFC", "vote_scores"]
+__all__ = ["AB", "FFC", "SSM", "vote_scores"]

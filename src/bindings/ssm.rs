@@ -1,0 +1,381 @@
+//! `cnnboost._core.SSM`: the SSM kernels for NumPy arrays and DLPack objects.
+
+use super::array::{
+    dispatch, expect_rank, expect_shape, fmt_shape, input, input_dims, items, list, output, tuple, Input,
+};
+use super::{compute, to_py_err};
+use crate::kernels::pool::global_avg_pool;
+use crate::kernels::ssm::{self, BnParams, Config, Head, Saved};
+use crate::kernels::{Float, Outputs};
+use numpy::Element;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+
+/// Split-and-Share Module kernels (forward, backward).
+///
+/// The object holds only the hyper-parameters; the parameters are passed to each call
+/// as lists, one array per head (`fc_weights[h]` `[K, (h+1)·n]`, `fc_biases[h]` `[K]`)
+/// or per normalised head (`bn_weights[h]`, `bn_biases[h]`, `running_means[h]`,
+/// `running_vars[h]`, each `[(h+1)·n]`), with `n = C / num_heads`. The normalised
+/// heads are the first `num_heads - 1` (all `num_heads` with `norm_last_head`).
+/// Arrays may be NumPy arrays or any object with `__dlpack__` (torch CPU tensors),
+/// float32 or float64, all of one dtype.
+#[pyclass(module = "cnnboost._core", name = "SSM", frozen)]
+pub struct Ssm {
+    num_heads: usize,
+    norm_last_head: bool,
+    eps: f64,
+}
+
+impl Ssm {
+    fn config(&self, num_classes: usize, training: bool, outputs: Outputs) -> Config {
+        Config {
+            num_heads: self.num_heads,
+            num_classes,
+            norm_last_head: self.norm_last_head,
+            eps: self.eps,
+            training,
+            all_outputs: outputs == Outputs::All,
+        }
+    }
+
+    /// H, the number of heads with BN + ReLU.
+    fn normalised(&self) -> usize {
+        self.config(1, true, Outputs::Ensemble).normalised_heads()
+    }
+}
+
+/// `n = C / G` for a `[N, C]` feature named `arg`, or a `ValueError`.
+fn split_of(arg: &str, shape: &[usize], c: usize, g: usize) -> PyResult<usize> {
+    if c == 0 || c % g != 0 {
+        return Err(PyValueError::new_err(format!(
+            "{arg}: expected a channel count C (dim 1) that num_heads = {g} divides, got shape {}",
+            fmt_shape(shape)
+        )));
+    }
+    Ok(c / g)
+}
+
+/// The per-head parameters of one call, read and checked.
+struct Params<'py, T: Element> {
+    fc_weights: Vec<Input<'py, T>>,
+    fc_biases: Vec<Input<'py, T>>,
+    bn_weights: Vec<Input<'py, T>>,
+    bn_biases: Vec<Input<'py, T>>,
+    /// Empty for the backward (it uses the saved statistics).
+    running_means: Vec<Input<'py, T>>,
+    running_vars: Vec<Input<'py, T>>,
+    k: usize,
+}
+
+/// The arrays of a list argument, the `h`-th of shape `shape(h)`.
+fn read_list<'py, T: Element + Float>(
+    obj: &Bound<'py, PyAny>,
+    arg: &str,
+    len: usize,
+    what: &str,
+    shape: impl Fn(usize) -> Vec<usize>,
+) -> PyResult<Vec<Input<'py, T>>> {
+    let mut out = Vec::with_capacity(len);
+    for (h, item) in items(obj, arg, len, what)?.iter().enumerate() {
+        let name = format!("{arg}[{h}]");
+        let a = input::<T>(item, &name)?;
+        expect_shape(&name, a.shape(), &shape(h))?;
+        out.push(a);
+    }
+    Ok(out)
+}
+
+impl<'py, T: Element + Float> Params<'py, T> {
+    /// `running` is `(running_means, running_vars)` for the forward, `None` for the
+    /// backward.
+    fn read(
+        m: &Ssm,
+        split: usize,
+        fc_weights: &Bound<'py, PyAny>,
+        fc_biases: &Bound<'py, PyAny>,
+        bn_weights: &Bound<'py, PyAny>,
+        bn_biases: &Bound<'py, PyAny>,
+        running: Option<(&Bound<'py, PyAny>, &Bound<'py, PyAny>)>,
+    ) -> PyResult<Self> {
+        let (g, hn) = (m.num_heads, m.normalised());
+        let width = |h: usize| vec![(h + 1) * split];
+        let heads = format!("one per head: num_heads = {g}");
+        let normed = format!(
+            "one per normalised head: {hn} = num_heads{}",
+            if m.norm_last_head { " (norm_last_head)" } else { " - 1" }
+        );
+        // K comes from the first head's weight.
+        let first = items(fc_weights, "fc_weights", g, &heads)?;
+        let w0 = input::<T>(&first[0], "fc_weights[0]")?;
+        let k = expect_rank("fc_weights[0]", w0.shape(), 2, "[num_classes, C / num_heads]")?[0];
+        drop(w0);
+        let fc_weights = read_list(fc_weights, "fc_weights", g, &heads, |h| vec![k, (h + 1) * split])?;
+        let fc_biases = read_list(fc_biases, "fc_biases", g, &heads, |_| vec![k])?;
+        let bn_weights = read_list(bn_weights, "bn_weights", hn, &normed, width)?;
+        let bn_biases = read_list(bn_biases, "bn_biases", hn, &normed, width)?;
+        let (running_means, running_vars) = match running {
+            Some((means, vars)) => (
+                read_list(means, "running_means", hn, &normed, width)?,
+                read_list(vars, "running_vars", hn, &normed, width)?,
+            ),
+            None => (Vec::new(), Vec::new()),
+        };
+        Ok(Params { fc_weights, fc_biases, bn_weights, bn_biases, running_means, running_vars, k })
+    }
+
+    fn heads(&self) -> Vec<Head<'_, T>> {
+        fn running<'a, T: Element>(v: &'a [Input<'_, T>], h: usize) -> &'a [T] {
+            v.get(h).map_or(&[], |a| a.slice())
+        }
+        (0..self.fc_weights.len())
+            .map(|h| Head {
+                fc_weight: self.fc_weights[h].slice(),
+                fc_bias: self.fc_biases[h].slice(),
+                bn: (h < self.bn_weights.len()).then(|| BnParams {
+                    weight: self.bn_weights[h].slice(),
+                    bias: self.bn_biases[h].slice(),
+                    running_mean: running(&self.running_means, h),
+                    running_var: running(&self.running_vars, h),
+                }),
+            })
+            .collect()
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward_t<'py, T: Element + Float>(
+    x: &Bound<'py, PyAny>,
+    m: &Ssm,
+    fc_weights: &Bound<'py, PyAny>,
+    fc_biases: &Bound<'py, PyAny>,
+    bn_weights: &Bound<'py, PyAny>,
+    bn_biases: &Bound<'py, PyAny>,
+    running_means: &Bound<'py, PyAny>,
+    running_vars: &Bound<'py, PyAny>,
+    training: bool,
+    outputs: Outputs,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let py = x.py();
+    let xa = input::<T>(x, "x")?;
+    let (n, c, hw) = input_dims(xa.shape())?;
+    let split = split_of("x", xa.shape(), c, m.num_heads)?;
+    let map = xa.shape().len() == 4;
+    let p = Params::<T>::read(
+        m,
+        split,
+        fc_weights,
+        fc_biases,
+        bn_weights,
+        bn_biases,
+        Some((running_means, running_vars)),
+    )?;
+    let cfg = m.config(p.k, training, outputs);
+    let (xs, heads) = (xa.slice(), p.heads());
+    let (f, pooled) = compute(py, || {
+        // A 4-d input is pooled here, once: the backward reads the pooled features
+        // rather than the whole map.
+        let pooled = map.then(|| global_avg_pool(xs, hw));
+        let feats = pooled.as_deref().unwrap_or(xs);
+        ssm::forward(&cfg, feats, n, c, &heads).map(|f| (f, pooled))
+    })?
+    .map_err(to_py_err)?;
+    let pooled = match pooled {
+        Some(v) => output(py, v, &[n, c])?,
+        None => output(py, Vec::<T>::new(), &[0])?,
+    };
+    let (len, var_len) = (f.mean.len(), f.var_unbiased.len());
+    tuple(
+        py,
+        vec![
+            output(py, f.out, &cfg.out_shape(n))?,
+            output(py, f.mean, &[len])?,
+            output(py, f.invstd, &[len])?,
+            output(py, f.var_unbiased, &[var_len])?,
+            pooled,
+        ],
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_t<'py, T: Element + Float>(
+    grad_out: &Bound<'py, PyAny>,
+    m: &Ssm,
+    pooled: &Bound<'py, PyAny>,
+    mean: &Bound<'py, PyAny>,
+    invstd: &Bound<'py, PyAny>,
+    fc_weights: &Bound<'py, PyAny>,
+    fc_biases: &Bound<'py, PyAny>,
+    bn_weights: &Bound<'py, PyAny>,
+    bn_biases: &Bound<'py, PyAny>,
+    hw: usize,
+    training: bool,
+    outputs: Outputs,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let py = grad_out.py();
+    let feats = input::<T>(pooled, "pooled")?;
+    let shape = expect_rank("pooled", feats.shape(), 2, "[N, C]")?;
+    let (n, c) = (shape[0], shape[1]);
+    let split = split_of("pooled", shape, c, m.num_heads)?;
+    let p = Params::<T>::read(m, split, fc_weights, fc_biases, bn_weights, bn_biases, None)?;
+    let cfg = m.config(p.k, training, outputs);
+    let len = ssm::stats_len(&cfg, c);
+    let mu = input::<T>(mean, "mean")?;
+    expect_shape("mean", mu.shape(), &[len])?;
+    let rs = input::<T>(invstd, "invstd")?;
+    expect_shape("invstd", rs.shape(), &[len])?;
+    let go = input::<T>(grad_out, "grad_out")?;
+    expect_shape("grad_out", go.shape(), &cfg.out_shape(n))?;
+    if hw == 0 {
+        return Err(PyValueError::new_err("hw: expected H*W >= 1, got 0"));
+    }
+    let (gos, xs, heads) = (go.slice(), feats.slice(), p.heads());
+    let saved = Saved { mean: mu.slice(), invstd: rs.slice() };
+    let mut g = compute(py, || {
+        ssm::backward(&cfg, gos, xs, n, c, &heads, &saved).map(|mut g| {
+            // Average pooling hands each pixel of a plane 1/(H·W) of its gradient.
+            if hw > 1 {
+                let div = T::of(hw as f64);
+                g.x.iter_mut().for_each(|v| *v = *v / div);
+            }
+            g
+        })
+    })?
+    .map_err(to_py_err)?;
+    let k = p.k;
+    let (mut gw, mut gb, mut gbw, mut gbb) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (h, hg) in g.heads.drain(..).enumerate() {
+        let w = (h + 1) * split;
+        gw.push(output(py, hg.fc_weight, &[k, w])?);
+        gb.push(output(py, hg.fc_bias, &[k])?);
+        if h < m.normalised() {
+            gbw.push(output(py, hg.bn_weight, &[w])?);
+            gbb.push(output(py, hg.bn_bias, &[w])?);
+        }
+    }
+    tuple(py, vec![output(py, g.x, &[n, c])?, list(py, gw)?, list(py, gb)?, list(py, gbw)?, list(py, gbb)?])
+}
+
+#[pymethods]
+impl Ssm {
+    #[new]
+    #[pyo3(signature = (num_heads = 4, norm_last_head = false, eps = 1e-5))]
+    fn new(num_heads: i64, norm_last_head: bool, eps: f64) -> PyResult<Self> {
+        if num_heads < 1 {
+            return Err(PyValueError::new_err(format!(
+                "num_heads: expected an integer >= 1, got {num_heads}"
+            )));
+        }
+        if !(eps.is_finite() && eps >= 0.0) {
+            return Err(PyValueError::new_err(format!("eps: expected a finite number >= 0, got {eps}")));
+        }
+        Ok(Ssm { num_heads: num_heads as usize, norm_last_head, eps })
+    }
+
+    #[getter]
+    fn num_heads(&self) -> usize {
+        self.num_heads
+    }
+    #[getter]
+    fn norm_last_head(&self) -> bool {
+        self.norm_last_head
+    }
+    #[getter]
+    fn eps(&self) -> f64 {
+        self.eps
+    }
+    /// H, the number of heads with BN + ReLU (the first H): `num_heads - 1`, or
+    /// `num_heads` with `norm_last_head`.
+    #[getter]
+    fn normalised_heads(&self) -> usize {
+        self.normalised()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "SSM(num_heads={}, norm_last_head={}, eps={})",
+            self.num_heads,
+            if self.norm_last_head { "True" } else { "False" },
+            self.eps
+        )
+    }
+
+    /// Forward. Returns `(out, mean, invstd, var, pooled)`:
+    /// * `out`: `[N, K]` (ensemble: the mean of the heads' logits) or `[G, N, K]` (all);
+    /// * `mean`, `invstd`: the statistics that normalised each normalised head,
+    ///   concatenated head after head (head `h` at `n·h(h+1)/2 .. n·(h+1)(h+2)/2`):
+    ///   in training the batch mean and `1/sqrt(biased batch var + eps)`, in eval the
+    ///   running mean and `1/sqrt(running var + eps)`;
+    /// * `var`: in training the unbiased batch variance, same layout (with `mean`, for
+    ///   the caller's running-statistics update); empty in eval;
+    /// * `pooled`: the `[N, C]` plane means of a 4-d `x`, empty for a 2-d `x`.
+    ///
+    /// `backward` takes `pooled` (a 2-d `x` itself), `mean` and `invstd`. The running
+    /// statistics are read in eval only (their shapes are checked in both modes) and
+    /// never written.
+    #[pyo3(signature = (x, fc_weights, fc_biases, bn_weights, bn_biases, running_means, running_vars, training = true, outputs = "ensemble"))]
+    #[allow(clippy::too_many_arguments)]
+    fn forward<'py>(
+        &self,
+        x: &Bound<'py, PyAny>,
+        fc_weights: &Bound<'py, PyAny>,
+        fc_biases: &Bound<'py, PyAny>,
+        bn_weights: &Bound<'py, PyAny>,
+        bn_biases: &Bound<'py, PyAny>,
+        running_means: &Bound<'py, PyAny>,
+        running_vars: &Bound<'py, PyAny>,
+        training: bool,
+        outputs: &str,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let outputs = Outputs::parse(outputs).map_err(to_py_err)?;
+        dispatch!(
+            x,
+            "x",
+            forward_t(
+                self,
+                fc_weights,
+                fc_biases,
+                bn_weights,
+                bn_biases,
+                running_means,
+                running_vars,
+                training,
+                outputs
+            )
+        )
+    }
+
+    /// Backward, from the pooled `[N, C]` features (`x` itself for a 2-d `x`) and the
+    /// forward's `mean` and `invstd`; `training` and `outputs` as in the forward.
+    /// Returns `(grad_x, grad_fc_weights, grad_fc_biases, grad_bn_weights,
+    /// grad_bn_biases)`, the last four lists like the parameters. `grad_x` is `[N, C]`:
+    /// for a 4-d input with `hw = H*W` it is the gradient of every pixel of each plane
+    /// (broadcast it over H×W).
+    #[pyo3(signature = (grad_out, pooled, mean, invstd, fc_weights, fc_biases, bn_weights, bn_biases, hw = 1, training = true, outputs = "ensemble"))]
+    #[allow(clippy::too_many_arguments)]
+    fn backward<'py>(
+        &self,
+        grad_out: &Bound<'py, PyAny>,
+        pooled: &Bound<'py, PyAny>,
+        mean: &Bound<'py, PyAny>,
+        invstd: &Bound<'py, PyAny>,
+        fc_weights: &Bound<'py, PyAny>,
+        fc_biases: &Bound<'py, PyAny>,
+        bn_weights: &Bound<'py, PyAny>,
+        bn_biases: &Bound<'py, PyAny>,
+        hw: usize,
+        training: bool,
+        outputs: &str,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let outputs = Outputs::parse(outputs).map_err(to_py_err)?;
+        dispatch!(
+            grad_out,
+            "grad_out",
+            backward_t(
+                self, pooled, mean, invstd, fc_weights, fc_biases, bn_weights, bn_biases, hw, training,
+                outputs
+            )
+        )
+    }
+}
