@@ -267,6 +267,7 @@ def test_bad_constructor_arguments(kwargs, arg):
         (lambda: torch.ones(4, 8, dtype=torch.int64), TypeError, ["x", "int64"]),
         (lambda: np.ones((4, 8), dtype=np.float32), TypeError, ["x", "Tensor", "ndarray"]),
         (lambda: torch.randn(4, 8, 0, 3), ValueError, ["x", "H×W", "(4, 8, 0, 3)"]),
+        (lambda: torch.empty(4, 8, device="meta"), ValueError, ["x", "CPU", "meta"]),
     ],
 )
 def test_bad_input_raises_and_changes_nothing(make, exc, words, train):
@@ -300,11 +301,11 @@ def test_training_needs_two_samples_and_counts_no_failed_batch(shape):
         (lambda c, a: c.forward(a["x"][:, :7], *a["params"]), ValueError, ["x", "num_heads = 2", "(5, 7)"]),
         (lambda c, a: c.forward(a["x"][:, :4], *a["params"]), ValueError, ["fc_weights[0]", "(3, 2)", "(3, 4)"]),
         (lambda c, a: c.forward(a["x"][0], *a["params"]), ValueError, ["x", "2-d", "(8,)"]),
-        (lambda c, a: c.forward(a["x"], a["fw"][:1], *a["params"][1:]), ValueError, ["fc_weights", "2 arrays", "got 1"]),
+        (lambda c, a: c.forward(a["x"], a["fw"][:1], *a["params"][1:]), ValueError, ["fc_weights", "length 2", "got length 1"]),
         (lambda c, a: c.forward(a["x"], a["fw"][0], *a["params"][1:]), TypeError, ["fc_weights", "list", "ndarray"]),
         (lambda c, a: c.forward(a["x"], a["fw"], [a["fb"][0], a["fb"][1][:2]], *a["params"][2:]), ValueError, ["fc_biases[1]", "(3,)", "(2,)"]),
         (lambda c, a: c.forward(a["x"], a["fw"][::-1], *a["params"][1:]), ValueError, ["fc_weights[0]", "(3, 8)"]),
-        (lambda c, a: c.forward(a["x"], a["fw"], a["fb"], [], *a["params"][3:]), ValueError, ["bn_weights", "1 arrays", "got 0"]),
+        (lambda c, a: c.forward(a["x"], a["fw"], a["fb"], [], *a["params"][3:]), ValueError, ["bn_weights", "length 1", "got length 0"]),
         (lambda c, a: c.forward(a["x"], *a["params"][:5], [a["x"][0]]), ValueError, ["running_vars[0]", "(4,)", "(8,)"]),
         (lambda c, a: c.forward(a["x"], *a["params"][:5], [a["x"][0, :4].astype(np.float64)]), TypeError, ["running_vars[0]", "float32", "float64"]),
         (lambda c, a: c.forward(a["x"].astype(np.float16), *a["params"]), TypeError, ["x", "float16"]),

@@ -195,13 +195,13 @@ pub fn items<'py>(
         t.iter().collect()
     } else {
         return Err(PyTypeError::new_err(format!(
-            "{arg}: expected a list of {len} arrays ({what}), got {}",
+            "{arg}: expected a list of arrays of length {len} ({what}), got {}",
             type_name(obj)
         )));
     };
     if items.len() != len {
         return Err(PyValueError::new_err(format!(
-            "{arg}: expected a list of {len} arrays ({what}), got {} arrays",
+            "{arg}: expected a list of length {len} ({what}), got length {}",
             items.len()
         )));
     }
