@@ -33,6 +33,16 @@ def test_attach_finds_classifier_inside_a_sequential():
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
 
 
+def test_attach_ssm_head():
+    model = torchvision.models.resnet18(num_classes=6)
+    models.attach_head(model, "ssm", num_heads=4)
+    assert isinstance(model.fc, cnnboost.SSM)
+    x = torch.randn(2, 3, 32, 32)
+    model(x).sum().backward()
+    model.eval()
+    assert model(x).shape == (2, 6)
+
+
 def test_attach_rejects_unknown_heads_and_models_without_linear():
     with pytest.raises(ValueError, match="head"):
         models.attach_head(torchvision.models.resnet18(), "mlp")

@@ -19,8 +19,14 @@ def _ffc(in_features: int, num_classes: int, **kwargs) -> nn.Module:
     return FFC(in_features, num_classes, **kwargs)
 
 
+def _ssm(in_features: int, num_classes: int, **kwargs) -> nn.Module:
+    from .ssm import SSM
+
+    return SSM(in_features, num_classes, **kwargs)
+
+
 #: The heads ``attach_head`` knows, by name: ``(in_features, num_classes, **kwargs) -> module``.
-HEADS: Dict[str, Callable[..., nn.Module]] = {"ffc": _ffc}
+HEADS: Dict[str, Callable[..., nn.Module]] = {"ffc": _ffc, "ssm": _ssm}
 
 
 def find_classifier(model: nn.Module) -> Tuple[nn.Module, str, nn.Linear]:
@@ -48,9 +54,10 @@ def attach_head(model: nn.Module, head: str = "ffc", **kwargs) -> nn.Module:
     """Replaces the model's final ``nn.Linear`` by a cnnboost head with the same
     feature size and class count, in place; returns the model.
 
-    ``head``: a name in :data:`HEADS` (``"ffc"``); ``kwargs`` go to the head's
-    constructor. The new head gets the Linear's device and dtype; the Linear's trained
-    weights are copied into the head's shared ``fc`` so a fine-tune starts from them.
+    ``head``: a name in :data:`HEADS` (``"ffc"``, ``"ssm"``); ``kwargs`` go to the
+    head's constructor. The new head gets the Linear's device and dtype; for FFC the
+    Linear's trained weights are copied into its shared ``fc`` so a fine-tune starts
+    from them. (SSM's heads have other shapes and start fresh.)
     """
     if head not in HEADS:
         raise ValueError(f"head: expected one of {', '.join(map(repr, HEADS))}, got {head!r}")
