@@ -8,6 +8,7 @@
 //! * reductions accumulate in `f64`, so `float32` results track a `float64`
 //!   reference at large channel counts.
 
+pub mod afi;
 pub mod batchnorm;
 pub mod error;
 pub mod ffc;
