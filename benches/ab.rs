@@ -18,7 +18,8 @@ fn data(len: usize, seed: u64) -> Vec<f32> {
 }
 
 /// (N, C, H·W, groups): AB on ResNet stage 1 and 4, AB-Plus on stage 2.
-const SHAPES: [(usize, usize, usize, usize); 3] = [(32, 256, 56 * 56, 256), (32, 2048, 49, 2048), (32, 512, 28 * 28, 1)];
+const SHAPES: [(usize, usize, usize, usize); 3] =
+    [(32, 256, 56 * 56, 256), (32, 2048, 49, 2048), (32, 512, 28 * 28, 1)];
 
 struct Setup {
     cfg: Config,
@@ -62,5 +63,7 @@ fn backward_train(b: Bencher, i: usize) {
     let s = Setup::new(i, true);
     let f = ab::forward(&s.cfg, &s.x, s.n, s.hw, &s.params(), s.running()).unwrap();
     let g = data(s.x.len(), 3);
-    b.bench(|| ab::backward(&s.cfg, &g, &s.x, s.n, s.hw, &s.params(), &f.pooled, &f.mean, &f.invstd).unwrap());
+    b.bench(|| {
+        ab::backward(&s.cfg, &g, &s.x, s.n, s.hw, &s.params(), &f.pooled, &f.mean, &f.invstd).unwrap()
+    });
 }

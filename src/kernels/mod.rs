@@ -9,6 +9,7 @@
 //!   reference at large channel counts.
 
 pub mod ab;
+pub mod afi;
 pub mod batchnorm;
 pub mod error;
 pub mod ffc;

@@ -6,9 +6,10 @@
 use super::{output_buffer, Float};
 use rayon::prelude::*;
 
-/// Planes per rayon task: enough work per task to amortise scheduling.
-fn planes_per_task(hw: usize) -> usize {
-    (16 * 1024 / hw.max(1)).max(1)
+/// Planes per rayon task when each plane touches `streams` arrays of `hw` elements:
+/// enough work per task to amortise scheduling.
+pub fn planes_per_task(hw: usize, streams: usize) -> usize {
+    (32 * 1024 / hw.saturating_mul(streams).max(1)).max(1)
 }
 
 /// Mean of one contiguous plane, accumulated in f64.
@@ -37,7 +38,7 @@ pub fn global_avg_pool<T: Float>(x: &[T], hw: usize) -> Vec<T> {
     }
     let planes = x.len() / hw;
     let mut out = vec![T::zero(); planes];
-    let per = planes_per_task(hw);
+    let per = planes_per_task(hw, 2);
     out.par_chunks_mut(per).zip(x.par_chunks(per * hw)).for_each(|(o, xs)| {
         for (dst, plane) in o.iter_mut().zip(xs.chunks_exact(hw)) {
             *dst = plane_mean(plane);
@@ -68,7 +69,7 @@ pub fn plane_dots<T: Float>(a: &[T], b: &[T], hw: usize) -> Vec<f64> {
     }
     let planes = a.len() / hw;
     let mut out = vec![0.0f64; planes];
-    let per = planes_per_task(hw);
+    let per = planes_per_task(hw, 2);
     out.par_chunks_mut(per).zip(a.par_chunks(per * hw).zip(b.par_chunks(per * hw))).for_each(
         |(o, (pa, pb))| {
             for (dst, (x, y)) in o.iter_mut().zip(pa.chunks_exact(hw).zip(pb.chunks_exact(hw))) {
@@ -86,7 +87,7 @@ pub fn scale_planes<T: Float>(src: &[T], scale: &[T], shift: Option<&[T]>, hw: u
     let planes = src.len() / hw;
     assert!(scale.len() >= planes && shift.is_none_or(|b| b.len() >= planes), "scale_planes: short scale");
     let mut out = output_buffer::<T>(src.len());
-    let per = planes_per_task(hw);
+    let per = planes_per_task(hw, 2);
     let spare = &mut out.spare_capacity_mut()[..src.len()];
     spare.par_chunks_mut(per * hw).zip(src.par_chunks(per * hw)).enumerate().for_each(|(task, (o, s))| {
         for (i, (op, sp)) in o.chunks_exact_mut(hw).zip(s.chunks_exact(hw)).enumerate() {

@@ -1,0 +1,675 @@
+//! AFI — Attentive Feature Integration (SPEC "AFI").
+//!
+//! Fuses `M >= 1` same-shape maps `X_1..X_M`, each a contiguous `[N, C, H, W]` slice
+//! read where it lies (never stacked):
+//!
+//! ```text
+//! z_i = GAP(X_i)                                  [N, C]   (stacked: Z [M*N, C])
+//! s_i = W2 ReLU(W1 z_i + b1) + b2                 W1 [C/r, C], W2 [C, C/r]
+//! s~  = softmax over i, per (n, c)
+//! R   = Σ_i s~_i[:, :, None, None] * X_i          [N, C, H, W]
+//! ```
+//!
+//! The scorer runs for all `M` inputs at once (two GEMMs over `M*N` rows). The big
+//! passes go over `(n, c)` planes in parallel, many planes per rayon task:
+//! * forward reads every `X_i` twice (pool, weighted sum) and writes `R` once;
+//! * backward reads `grad_R` and every `X_i` once (`g_i = Σ_hw grad_R · X_i`), runs
+//!   the softmax and scorer backward on the small `[M*N, ·]` matrices, then reads
+//!   `grad_R` once more while writing every `grad_X_i`.
+//!
+//! No full-size temporary besides the outputs.
+
+use super::gemm::{matmul, matmul_new, Mat};
+use super::pool::{dot, global_avg_pool, planes_per_task};
+use super::{check_len, checked_numel, column_totals, output_buffer, Error, Float, Result};
+use rayon::prelude::*;
+use std::mem::MaybeUninit;
+
+/// The scorer's parameters (torch `Linear` layout: `[out, in]`, row-major).
+#[derive(Clone, Copy, Debug)]
+pub struct Params<'a, T> {
+    /// `W1`, `[hidden, C]`; `hidden` (= C/r) is read off its length.
+    pub fc1_weight: &'a [T],
+    /// `b1`, `[hidden]`.
+    pub fc1_bias: Option<&'a [T]>,
+    /// `W2`, `[C, hidden]`.
+    pub fc2_weight: &'a [T],
+    /// `b2`, `[C]`.
+    pub fc2_bias: Option<&'a [T]>,
+}
+
+/// What [`forward`] returns: the fused map and what [`backward`] needs.
+#[derive(Clone, Debug)]
+pub struct Forward<T> {
+    /// `R`, `[N, C, H, W]`.
+    pub out: Vec<T>,
+    /// The pooled descriptors `Z`, `[M*N, C]` (row `i*N + n` is `z_i[n]`).
+    pub z: Vec<T>,
+    /// The scorer's hidden layer after the ReLU, `[M*N, hidden]`; its `> 0` mask is
+    /// the ReLU mask.
+    pub hidden: Vec<T>,
+    /// The softmax weights `s~`, `[M, N, C]`.
+    pub weights: Vec<T>,
+}
+
+impl<T> Forward<T> {
+    /// The saved tensors, as [`backward`] takes them.
+    pub fn saved(&self) -> Saved<'_, T> {
+        Saved { z: &self.z, hidden: &self.hidden, weights: &self.weights }
+    }
+}
+
+/// The tensors saved by [`forward`] (see [`Forward`] for their shapes).
+#[derive(Clone, Copy, Debug)]
+pub struct Saved<'a, T> {
+    pub z: &'a [T],
+    pub hidden: &'a [T],
+    pub weights: &'a [T],
+}
+
+/// Gradients returned by [`backward`].
+#[derive(Clone, Debug)]
+pub struct Grads<T> {
+    /// One `[N, C, H, W]` gradient per input map, in input order.
+    pub xs: Vec<Vec<T>>,
+    /// `[hidden, C]`.
+    pub fc1_weight: Vec<T>,
+    /// `[hidden]`, present iff the forward had `fc1_bias`.
+    pub fc1_bias: Option<Vec<T>>,
+    /// `[C, hidden]`.
+    pub fc2_weight: Vec<T>,
+    /// `[C]`, present iff the forward had `fc2_bias`.
+    pub fc2_bias: Option<Vec<T>>,
+}
+
+/// Validated sizes.
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    m: usize,
+    hidden: usize,
+    /// `N*C`, planes per map.
+    nc: usize,
+    /// `M*N`, rows of the scorer matrices.
+    mn: usize,
+}
+
+fn validate<T>(xs: &[&[T]], n: usize, c: usize, hw: usize, p: &Params<T>) -> Result<Dims> {
+    if xs.is_empty() {
+        return Err(Error::value("xs", "at least one feature map", "an empty list"));
+    }
+    if c == 0 {
+        return Err(Error::value("c", "at least 1 channel", "0"));
+    }
+    if hw == 0 {
+        return Err(Error::value("hw", "a spatial size H*W of at least 1", "0"));
+    }
+    let m = xs.len();
+    for (i, x) in xs.iter().enumerate() {
+        check_len(&format!("xs[{i}]"), x, &[n, c, hw])?;
+    }
+    let w1 = p.fc1_weight.len();
+    if w1 == 0 || w1 % c != 0 {
+        return Err(Error::shape(
+            "fc1_weight",
+            format!("[hidden, {c}] with hidden >= 1 (a non-zero multiple of {c} elements)"),
+            format!("{w1} elements"),
+        ));
+    }
+    let hidden = w1 / c;
+    check_len("fc2_weight", p.fc2_weight, &[c, hidden])?;
+    if let Some(b) = p.fc1_bias {
+        check_len("fc1_bias", b, &[hidden])?;
+    }
+    if let Some(b) = p.fc2_bias {
+        check_len("fc2_bias", b, &[c])?;
+    }
+    let nc = checked_numel("xs", &[n, c])?;
+    let mn = checked_numel("xs", &[m, n])?;
+    // The small scorer buffers must be addressable too.
+    checked_numel("xs", &[m, nc])?;
+    checked_numel("fc1_weight", &[mn, hidden])?;
+    Ok(Dims { m, hidden, nc, mn })
+}
+
+/// Per-column sums of a row-major `[rows, cols]` matrix, in f64, as `T`.
+fn column_sums<T: Float>(a: &[T], cols: usize) -> Vec<T> {
+    column_totals(a, cols).into_iter().map(T::of).collect()
+}
+
+/// `dst = a · bᵀ (+ bias on every row)` for row-major `a` `[rows, k]`, `b` `[cols, k]`.
+fn linear<T: Float>(a: &[T], rows: usize, k: usize, b: &[T], cols: usize, bias: Option<&[T]>) -> Vec<T> {
+    let mut dst = match bias {
+        Some(bias) => {
+            let mut d = Vec::with_capacity(rows * cols);
+            for _ in 0..rows {
+                d.extend_from_slice(bias);
+            }
+            d
+        }
+        None => vec![T::zero(); rows * cols],
+    };
+    matmul(&mut dst, cols, Mat::new(a, rows, k), Mat::new(b, cols, k).t(), T::one(), bias.is_some());
+    dst
+}
+
+/// The AFI forward pass.
+pub fn forward<T: Float>(xs: &[&[T]], n: usize, c: usize, hw: usize, p: &Params<T>) -> Result<Forward<T>> {
+    let d = validate(xs, n, c, hw, p)?;
+    let Dims { m, nc, mn, hidden } = d;
+
+    // Z [M*N, C]: one global-average-pool per map, stacked (small).
+    let mut z = Vec::with_capacity(m * nc);
+    for x in xs {
+        z.extend_from_slice(&global_avg_pool(x, hw));
+    }
+
+    // The scorer, for all M maps at once.
+    let mut h = linear(&z, mn, c, p.fc1_weight, hidden, p.fc1_bias);
+    for v in h.iter_mut() {
+        // As torch's ReLU: negatives to zero, NaN propagates.
+        if *v < T::zero() {
+            *v = T::zero();
+        }
+    }
+    let s = linear(&h, mn, hidden, p.fc2_weight, c, p.fc2_bias);
+
+    // Softmax over i for every (n, c), numerically stable, in f64.
+    let weights = softmax_over_maps(&s, m, nc);
+
+    // R = Σ_i s~_i · X_i, one pass over the planes, each plane summed in a
+    // cache-resident scratch row and written once (no zero-fill of the output).
+    let mut out = output_buffer::<T>(nc * hw);
+    let per = planes_per_task(hw, m + 1);
+    out.spare_capacity_mut()[..nc * hw].par_chunks_mut(per * hw).enumerate().for_each(|(k, chunk)| {
+        let p0 = k * per;
+        let mut acc = vec![T::zero(); hw];
+        for (q, dst) in chunk.chunks_exact_mut(hw).enumerate() {
+            let pl = p0 + q;
+            let range = pl * hw..(pl + 1) * hw;
+            for (i, x) in xs.iter().enumerate() {
+                let w = weights[i * nc + pl];
+                let src = &x[range.clone()];
+                if i == 0 {
+                    for (o, &v) in acc.iter_mut().zip(src) {
+                        *o = w * v;
+                    }
+                } else {
+                    for (o, &v) in acc.iter_mut().zip(src) {
+                        *o = *o + w * v;
+                    }
+                }
+            }
+            for (d, &v) in dst.iter_mut().zip(&acc) {
+                d.write(v);
+            }
+        }
+    });
+    // SAFETY: `nc * hw` is whole planes and every element of every plane was written.
+    unsafe { out.set_len(nc * hw) };
+
+    Ok(Forward { out, z, hidden: h, weights })
+}
+
+/// Softmax over the `m` rows of `s` `[m, cols]`, independently per column.
+fn softmax_over_maps<T: Float>(s: &[T], m: usize, cols: usize) -> Vec<T> {
+    if cols == 0 {
+        return Vec::new();
+    }
+    let mut max = vec![f64::NEG_INFINITY; cols];
+    for row in s.chunks_exact(cols) {
+        for (mx, v) in max.iter_mut().zip(row) {
+            *mx = mx.max(v.as_f64());
+        }
+    }
+    let mut sum = vec![0.0f64; cols];
+    for row in s.chunks_exact(cols) {
+        for ((acc, v), mx) in sum.iter_mut().zip(row).zip(&max) {
+            *acc += (v.as_f64() - mx).exp();
+        }
+    }
+    let mut w = Vec::with_capacity(m * cols);
+    for row in s.chunks_exact(cols) {
+        let weight = |((v, mx), sm): ((&T, &f64), &f64)| T::of((v.as_f64() - mx).exp() / sm);
+        w.extend(row.iter().zip(&max).zip(&sum).map(weight));
+    }
+    w
+}
+
+/// The AFI backward pass: `grad_out` is `dL/dR`, `saved` what [`forward`] returned
+/// for the same `xs` and parameters.
+#[allow(clippy::too_many_arguments)]
+pub fn backward<T: Float>(
+    grad_out: &[T],
+    xs: &[&[T]],
+    n: usize,
+    c: usize,
+    hw: usize,
+    p: &Params<T>,
+    saved: &Saved<T>,
+) -> Result<Grads<T>> {
+    let d = validate(xs, n, c, hw, p)?;
+    let Dims { m, nc, mn, hidden } = d;
+    check_len("grad_out", grad_out, &[n, c, hw])?;
+    check_len("saved.z", saved.z, &[m, n, c])?;
+    check_len("saved.hidden", saved.hidden, &[m, n, hidden])?;
+    check_len("saved.weights", saved.weights, &[m, n, c])?;
+    let weights = saved.weights;
+
+    // Pass 1: g[pl*m + i] = Σ_hw grad_R · X_i over plane pl (plane-major, f64).
+    let mut g = vec![0.0f64; nc * m];
+    let per = planes_per_task(hw, m + 1);
+    g.par_chunks_mut(per * m).zip(grad_out.par_chunks(per * hw)).enumerate().for_each(|(k, (gc, go))| {
+        let p0 = k * per;
+        for (q, (gq, gp)) in gc.chunks_exact_mut(m).zip(go.chunks_exact(hw)).enumerate() {
+            let pl = p0 + q;
+            for (gi, x) in gq.iter_mut().zip(xs) {
+                *gi = dot(gp, &x[pl * hw..(pl + 1) * hw]);
+            }
+        }
+    });
+
+    // Softmax backward: dS_i = s~_i (g_i - Σ_j s~_j g_j), as [M*N, C] = [M, N, C].
+    let mut ds = vec![T::zero(); m * nc];
+    for (pl, gq) in g.chunks_exact(m).enumerate() {
+        let mut dot = 0.0f64;
+        for (i, &gi) in gq.iter().enumerate() {
+            dot += weights[i * nc + pl].as_f64() * gi;
+        }
+        for (i, &gi) in gq.iter().enumerate() {
+            ds[i * nc + pl] = T::of(weights[i * nc + pl].as_f64() * (gi - dot));
+        }
+    }
+    drop(g);
+
+    // Scorer backward, all M at once.
+    let h = saved.hidden;
+    let fc2_bias = p.fc2_bias.map(|_| column_sums(&ds, c));
+    let fc2_weight = matmul_new(Mat::new(&ds, mn, c).t(), Mat::new(h, mn, hidden));
+    let mut dh = matmul_new(Mat::new(&ds, mn, c), Mat::new(p.fc2_weight, c, hidden));
+    for (dv, hv) in dh.iter_mut().zip(h) {
+        // As torch's threshold_backward: the gradient passes where the output > 0.
+        if *hv <= T::zero() {
+            *dv = T::zero();
+        }
+    }
+    let fc1_bias = p.fc1_bias.map(|_| column_sums(&dh, hidden));
+    let fc1_weight = matmul_new(Mat::new(&dh, mn, hidden).t(), Mat::new(saved.z, mn, c));
+    let mut dz = matmul_new(Mat::new(&dh, mn, hidden), Mat::new(p.fc1_weight, hidden, c));
+    let inv_hw = T::of(1.0 / hw as f64);
+    for v in dz.iter_mut() {
+        *v = *v * inv_hw;
+    }
+
+    // Pass 2: grad_X_i = s~_i · grad_R + dZ_i / HW, reading grad_R once for all i.
+    let total = nc * hw;
+    let block = per * hw;
+    let mut gxs: Vec<Vec<T>> = (0..m).map(|_| output_buffer::<T>(total)).collect();
+    let mut tasks: Vec<Vec<&mut [MaybeUninit<T>]>> =
+        (0..total.div_ceil(block)).map(|_| Vec::with_capacity(m)).collect();
+    for gx in gxs.iter_mut() {
+        for (task, chunk) in tasks.iter_mut().zip(gx.spare_capacity_mut()[..total].chunks_mut(block)) {
+            task.push(chunk);
+        }
+    }
+    tasks.into_par_iter().zip(grad_out.par_chunks(block)).enumerate().for_each(|(k, (mut dsts, go))| {
+        let p0 = k * per;
+        for (q, gp) in go.chunks_exact(hw).enumerate() {
+            let pl = p0 + q;
+            let range = q * hw..(q + 1) * hw;
+            for (i, dst) in dsts.iter_mut().enumerate() {
+                let w = weights[i * nc + pl];
+                let b = dz[i * nc + pl];
+                for (o, &v) in dst[range.clone()].iter_mut().zip(gp) {
+                    o.write(w * v + b);
+                }
+            }
+        }
+    });
+    for gx in gxs.iter_mut() {
+        // SAFETY: the tasks above cover all `total` elements (whole planes) of every
+        // map and wrote each one.
+        unsafe { gx.set_len(total) };
+    }
+
+    Ok(Grads { xs: gxs, fc1_weight, fc1_bias, fc2_weight, fc2_bias })
+}
+
+#[cfg(test)]
+#[allow(clippy::needless_range_loop)]
+mod tests {
+    use super::*;
+    use crate::kernels::error::ErrorKind;
+
+    /// Deterministic pseudo-random values in [-1, 1).
+    fn rand_vec(len: usize, seed: u64) -> Vec<f64> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..len)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    struct Case {
+        xs: Vec<Vec<f64>>,
+        n: usize,
+        c: usize,
+        hw: usize,
+        w1: Vec<f64>,
+        b1: Option<Vec<f64>>,
+        w2: Vec<f64>,
+        b2: Option<Vec<f64>>,
+    }
+
+    impl Case {
+        fn new(m: usize, n: usize, c: usize, hidden: usize, hw: usize, bias: bool, seed: u64) -> Self {
+            let xs = (0..m).map(|i| rand_vec(n * c * hw, seed + 10 * i as u64 + 1)).collect();
+            // Weights large enough that the softmax is far from uniform.
+            let scale = |v: Vec<f64>, s: f64| v.into_iter().map(|x| x * s).collect::<Vec<_>>();
+            Case {
+                xs,
+                n,
+                c,
+                hw,
+                w1: scale(rand_vec(hidden * c, seed + 1000), 2.0),
+                b1: bias.then(|| scale(rand_vec(hidden, seed + 2000), 0.5)),
+                w2: scale(rand_vec(c * hidden, seed + 3000), 2.0),
+                b2: bias.then(|| scale(rand_vec(c, seed + 4000), 0.5)),
+            }
+        }
+        fn params(&self) -> Params<'_, f64> {
+            Params {
+                fc1_weight: &self.w1,
+                fc1_bias: self.b1.as_deref(),
+                fc2_weight: &self.w2,
+                fc2_bias: self.b2.as_deref(),
+            }
+        }
+        fn x_refs(&self) -> Vec<&[f64]> {
+            self.xs.iter().map(|x| x.as_slice()).collect()
+        }
+        fn hidden(&self) -> usize {
+            self.w1.len() / self.c
+        }
+        /// Naive f64 AFI, straight from the definition.
+        fn naive(&self) -> Vec<f64> {
+            let (m, n, c, hw, hd) = (self.xs.len(), self.n, self.c, self.hw, self.hidden());
+            let mut s = vec![vec![0.0; n * c]; m];
+            for i in 0..m {
+                for b in 0..n {
+                    let z: Vec<f64> = (0..c)
+                        .map(|ch| {
+                            let o = (b * c + ch) * hw;
+                            self.xs[i][o..o + hw].iter().sum::<f64>() / hw as f64
+                        })
+                        .collect();
+                    let h: Vec<f64> = (0..hd)
+                        .map(|j| {
+                            let mut a = self.b1.as_ref().map_or(0.0, |b1| b1[j]);
+                            for ch in 0..c {
+                                a += self.w1[j * c + ch] * z[ch];
+                            }
+                            a.max(0.0)
+                        })
+                        .collect();
+                    for ch in 0..c {
+                        let mut a = self.b2.as_ref().map_or(0.0, |b2| b2[ch]);
+                        for j in 0..hd {
+                            a += self.w2[ch * hd + j] * h[j];
+                        }
+                        s[i][b * c + ch] = a;
+                    }
+                }
+            }
+            let mut r = vec![0.0; n * c * hw];
+            for pl in 0..n * c {
+                let mx = (0..m).map(|i| s[i][pl]).fold(f64::NEG_INFINITY, f64::max);
+                let den: f64 = (0..m).map(|i| (s[i][pl] - mx).exp()).sum();
+                for i in 0..m {
+                    let w = (s[i][pl] - mx).exp() / den;
+                    for k in 0..hw {
+                        r[pl * hw + k] += w * self.xs[i][pl * hw + k];
+                    }
+                }
+            }
+            r
+        }
+    }
+
+    fn max_err(a: &[f64], b: &[f64]) -> f64 {
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn forward_matches_naive() {
+        let shapes = [(1, 4, 2, 1), (2, 8, 2, 5), (3, 6, 3, 7), (2, 16, 4, 1), (1, 3, 1, 9)];
+        for m in 1..=3 {
+            for (si, &(n, c, hd, hw)) in shapes.iter().enumerate() {
+                for bias in [false, true] {
+                    let case = Case::new(m, n, c, hd, hw, bias, (m * 100 + si) as u64);
+                    let f = forward(&case.x_refs(), n, c, hw, &case.params()).unwrap();
+                    let want = case.naive();
+                    let e = max_err(&f.out, &want);
+                    assert!(e < 1e-12, "m={m} shape={:?} bias={bias}: err {e}", (n, c, hd, hw));
+                    assert_eq!(f.z.len(), m * n * c);
+                    assert_eq!(f.hidden.len(), m * n * hd);
+                    assert_eq!(f.weights.len(), m * n * c);
+                    for pl in 0..n * c {
+                        let s: f64 = (0..m).map(|i| f.weights[i * n * c + pl]).sum();
+                        assert!((s - 1.0).abs() < 1e-12);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn forward_many_planes_and_f32() {
+        // Several rayon tasks (planes_per_task < N*C) and a plane size that is not a
+        // multiple of the vector width.
+        let (m, n, c, hd, hw) = (3, 3, 40, 10, 1023);
+        let case = Case::new(m, n, c, hd, hw, true, 7);
+        let f = forward(&case.x_refs(), n, c, hw, &case.params()).unwrap();
+        let want = case.naive();
+        assert!(max_err(&f.out, &want) < 1e-12);
+
+        let to32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+        let xs32: Vec<Vec<f32>> = case.xs.iter().map(|x| to32(x)).collect();
+        let xr: Vec<&[f32]> = xs32.iter().map(|x| x.as_slice()).collect();
+        let (w1, w2) = (to32(&case.w1), to32(&case.w2));
+        let (b1, b2) = (to32(case.b1.as_ref().unwrap()), to32(case.b2.as_ref().unwrap()));
+        let p32 = Params { fc1_weight: &w1, fc1_bias: Some(&b1), fc2_weight: &w2, fc2_bias: Some(&b2) };
+        let f32out = forward(&xr, n, c, hw, &p32).unwrap();
+        let e = f32out.out.iter().zip(&want).map(|(&a, &b)| (a as f64 - b).abs()).fold(0.0, f64::max);
+        assert!(e < 1e-5, "f32 err {e}");
+    }
+
+    #[test]
+    fn single_map_is_identity() {
+        for bias in [false, true] {
+            let case = Case::new(1, 2, 5, 2, 6, bias, 42);
+            let f = forward(&case.x_refs(), 2, 5, 6, &case.params()).unwrap();
+            assert_eq!(f.out, case.xs[0]);
+            assert!(f.weights.iter().all(|&w| w == 1.0));
+            let go = rand_vec(2 * 5 * 6, 3);
+            let g = backward(&go, &case.x_refs(), 2, 5, 6, &case.params(), &f.saved()).unwrap();
+            assert_eq!(g.xs[0], go);
+            assert!(g.fc1_weight.iter().chain(&g.fc2_weight).all(|&v| v == 0.0));
+
+            let x32: Vec<f32> = case.xs[0].iter().map(|&v| v as f32).collect();
+            let w1: Vec<f32> = case.w1.iter().map(|&v| v as f32).collect();
+            let w2: Vec<f32> = case.w2.iter().map(|&v| v as f32).collect();
+            let p = Params { fc1_weight: &w1, fc1_bias: None, fc2_weight: &w2, fc2_bias: None };
+            let f = forward(&[&x32[..]], 2, 5, 6, &p).unwrap();
+            assert_eq!(f.out, x32);
+        }
+    }
+
+    /// Backward against central finite differences of L = Σ R·G.
+    fn check_backward(m: usize, n: usize, c: usize, hd: usize, hw: usize, bias: bool, seed: u64) {
+        let mut case = Case::new(m, n, c, hd, hw, bias, seed);
+        let go = rand_vec(n * c * hw, seed + 77);
+        let f = forward(&case.x_refs(), n, c, hw, &case.params()).unwrap();
+        let g = backward(&go, &case.x_refs(), n, c, hw, &case.params(), &f.saved()).unwrap();
+        assert_eq!(g.fc1_bias.is_some(), bias);
+        assert_eq!(g.fc2_bias.is_some(), bias);
+
+        let loss = |case: &Case| case.naive().iter().zip(&go).map(|(r, g)| r * g).sum::<f64>();
+        let eps = 1e-6;
+        // Perturbs the value `get` selects and compares the central difference.
+        let fd = |case: &mut Case, get: &dyn Fn(&mut Case) -> &mut f64, analytic: f64, what: &str| {
+            let orig = *get(case);
+            *get(case) = orig + eps;
+            let lp = loss(case);
+            *get(case) = orig - eps;
+            let lm = loss(case);
+            *get(case) = orig;
+            let num = (lp - lm) / (2.0 * eps);
+            assert!(
+                (num - analytic).abs() < 1e-6 * (1.0 + num.abs()),
+                "{what}: numeric {num} vs analytic {analytic} \
+                 (m={m}, n={n}, c={c}, hw={hw}, bias={bias})"
+            );
+        };
+        for i in 0..m {
+            for k in 0..n * c * hw {
+                fd(&mut case, &|cs: &mut Case| &mut cs.xs[i][k], g.xs[i][k], &format!("xs[{i}][{k}]"));
+            }
+        }
+        for k in 0..hd * c {
+            fd(&mut case, &|cs: &mut Case| &mut cs.w1[k], g.fc1_weight[k], &format!("fc1_weight[{k}]"));
+            fd(&mut case, &|cs: &mut Case| &mut cs.w2[k], g.fc2_weight[k], &format!("fc2_weight[{k}]"));
+        }
+        if bias {
+            let (gb1, gb2) = (g.fc1_bias.as_ref().unwrap(), g.fc2_bias.as_ref().unwrap());
+            for k in 0..hd {
+                fd(&mut case, &|cs: &mut Case| &mut cs.b1.as_mut().unwrap()[k], gb1[k], "fc1_bias");
+            }
+            for k in 0..c {
+                fd(&mut case, &|cs: &mut Case| &mut cs.b2.as_mut().unwrap()[k], gb2[k], "fc2_bias");
+            }
+        }
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        for bias in [false, true] {
+            check_backward(2, 2, 4, 2, 3, bias, 11);
+            check_backward(3, 2, 6, 3, 5, bias, 12);
+            check_backward(3, 3, 4, 1, 1, bias, 13);
+            check_backward(1, 2, 4, 2, 3, bias, 14);
+            check_backward(4, 1, 8, 2, 2, bias, 15);
+        }
+    }
+
+    #[test]
+    fn backward_many_planes() {
+        // Several rayon tasks: spot finite differences, then an f32 run against f64.
+        let (m, n, c, hd, hw) = (3, 2, 48, 12, 700);
+        let case = Case::new(m, n, c, hd, hw, true, 21);
+        let go = rand_vec(n * c * hw, 99);
+        let f = forward(&case.x_refs(), n, c, hw, &case.params()).unwrap();
+        let g = backward(&go, &case.x_refs(), n, c, hw, &case.params(), &f.saved()).unwrap();
+        // Spot-check x gradients by finite differences on a few entries.
+        let loss = |case: &Case| case.naive().iter().zip(&go).map(|(r, g)| r * g).sum::<f64>();
+        let mut case = case;
+        let eps = 1e-6;
+        for &(i, k) in &[(0usize, 0usize), (1, 12345), (2, n * c * hw - 1), (2, 40000)] {
+            let orig = case.xs[i][k];
+            case.xs[i][k] = orig + eps;
+            let lp = loss(&case);
+            case.xs[i][k] = orig - eps;
+            let lm = loss(&case);
+            case.xs[i][k] = orig;
+            let num = (lp - lm) / (2.0 * eps);
+            let ana = g.xs[i][k];
+            assert!((num - ana).abs() < 1e-6 * (1.0 + num.abs()), "xs[{i}][{k}]: {num} vs {ana}");
+        }
+
+        let to32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+        let xs32: Vec<Vec<f32>> = case.xs.iter().map(|x| to32(x)).collect();
+        let xr: Vec<&[f32]> = xs32.iter().map(|x| x.as_slice()).collect();
+        let (w1, w2) = (to32(&case.w1), to32(&case.w2));
+        let (b1, b2) = (to32(case.b1.as_ref().unwrap()), to32(case.b2.as_ref().unwrap()));
+        let p32 = Params { fc1_weight: &w1, fc1_bias: Some(&b1), fc2_weight: &w2, fc2_bias: Some(&b2) };
+        let f32f = forward(&xr, n, c, hw, &p32).unwrap();
+        let g32 = backward(&to32(&go), &xr, n, c, hw, &p32, &f32f.saved()).unwrap();
+        let rel = |a: &[f32], b: &[f64]| {
+            let scale = b.iter().fold(0.0f64, |s, v| s.max(v.abs())).max(1e-3);
+            a.iter().zip(b).map(|(&x, &y)| (x as f64 - y).abs()).fold(0.0, f64::max) / scale
+        };
+        for i in 0..m {
+            assert!(rel(&g32.xs[i], &g.xs[i]) < 1e-4);
+        }
+        assert!(rel(&g32.fc1_weight, &g.fc1_weight) < 1e-3);
+        assert!(rel(&g32.fc2_weight, &g.fc2_weight) < 1e-3);
+        assert!(rel(g32.fc1_bias.as_ref().unwrap(), g.fc1_bias.as_ref().unwrap()) < 1e-3);
+        assert!(rel(g32.fc2_bias.as_ref().unwrap(), g.fc2_bias.as_ref().unwrap()) < 1e-3);
+    }
+
+    #[test]
+    fn empty_batch() {
+        let w1 = vec![0.5f64; 2 * 4];
+        let w2 = vec![0.5f64; 4 * 2];
+        let b1 = vec![0.1f64; 2];
+        let p = Params { fc1_weight: &w1, fc1_bias: Some(&b1), fc2_weight: &w2, fc2_bias: None };
+        let x: Vec<f64> = vec![];
+        let f = forward(&[&x[..], &x[..]], 0, 4, 3, &p).unwrap();
+        assert!(f.out.is_empty() && f.z.is_empty() && f.weights.is_empty());
+        let g = backward(&x, &[&x[..], &x[..]], 0, 4, 3, &p, &f.saved()).unwrap();
+        assert_eq!(g.xs.len(), 2);
+        assert!(g.xs.iter().all(|v| v.is_empty()));
+        assert_eq!(g.fc1_weight, vec![0.0; 8]);
+        assert_eq!(g.fc2_weight, vec![0.0; 8]);
+        assert_eq!(g.fc1_bias, Some(vec![0.0; 2]));
+        assert_eq!(g.fc2_bias, None);
+    }
+
+    #[test]
+    fn errors_name_the_argument() {
+        let (n, c, hw) = (2, 4, 3);
+        let x = vec![0.0f64; n * c * hw];
+        let short = vec![0.0f64; n * c * hw - 1];
+        let w1 = vec![0.1f64; 2 * c];
+        let w2 = vec![0.1f64; c * 2];
+        let p = Params { fc1_weight: &w1[..], fc1_bias: None, fc2_weight: &w2[..], fc2_bias: None };
+        let err = |r: Result<Forward<f64>>| r.unwrap_err();
+
+        let e = err(forward(&[], n, c, hw, &p));
+        assert_eq!((e.arg.as_str(), e.kind), ("xs", ErrorKind::Value));
+        let e = err(forward(&[&x[..], &short[..]], n, c, hw, &p));
+        assert_eq!((e.arg.as_str(), e.kind), ("xs[1]", ErrorKind::Shape));
+        assert!(e.expected.contains("24") && e.actual.contains("23"), "{e}");
+        assert_eq!(err(forward(&[&x[..]], n, 0, hw, &p)).arg, "c");
+        assert_eq!(err(forward(&[&x[..]], n, c, 0, &p)).arg, "hw");
+
+        let bad = vec![0.1f64; 2 * c + 1];
+        let pb = Params { fc1_weight: &bad[..], ..p };
+        assert_eq!(err(forward(&[&x[..]], n, c, hw, &pb)).arg, "fc1_weight");
+        let pb = Params { fc1_weight: &[], ..p };
+        assert_eq!(err(forward(&[&x[..]], n, c, hw, &pb)).arg, "fc1_weight");
+        let pb = Params { fc2_weight: &bad[..], ..p };
+        assert_eq!(err(forward(&[&x[..]], n, c, hw, &pb)).arg, "fc2_weight");
+        let b = [0.0f64; 3];
+        let pb = Params { fc1_bias: Some(&b[..]), ..p };
+        assert_eq!(err(forward(&[&x[..]], n, c, hw, &pb)).arg, "fc1_bias");
+        let pb = Params { fc2_bias: Some(&b[..]), ..p };
+        assert_eq!(err(forward(&[&x[..]], n, c, hw, &pb)).arg, "fc2_bias");
+
+        let f = forward(&[&x[..], &x[..]], n, c, hw, &p).unwrap();
+        let xs = [&x[..], &x[..]];
+        let e = backward(&short, &xs, n, c, hw, &p, &f.saved()).unwrap_err();
+        assert_eq!((e.arg.as_str(), e.kind), ("grad_out", ErrorKind::Shape));
+        let e = backward(&x, &[&x[..], &short[..]], n, c, hw, &p, &f.saved()).unwrap_err();
+        assert_eq!(e.arg, "xs[1]");
+        // Saved tensors from a different M.
+        let e = backward(&x, &[&x[..], &x[..], &x[..]], n, c, hw, &p, &f.saved()).unwrap_err();
+        assert_eq!(e.arg, "saved.z");
+        let s = Saved { hidden: &f.hidden[1..], ..f.saved() };
+        assert_eq!(backward(&x, &xs, n, c, hw, &p, &s).unwrap_err().arg, "saved.hidden");
+        let s = Saved { weights: &f.weights[1..], ..f.saved() };
+        assert_eq!(backward(&x, &xs, n, c, hw, &p, &s).unwrap_err().arg, "saved.weights");
+    }
+}
