@@ -3,6 +3,7 @@ for convolutional networks, as drop-in ``torch.nn.Module``s.
 
 * ``cnnboost.FFC`` — Sequential Feature Filtering Classifier (a classifier head)
 * ``cnnboost.AB`` — Accuracy Booster block (channel recalibration)
+* ``cnnboost.AFI`` — Attentive Feature Integration (fuses several feature maps)
 * ``cnnboost.SSM`` — Split-and-Share Module (a classifier head)
 
 Each module has a pure-torch twin in ``cnnboost.reference`` that computes the same
@@ -35,9 +36,9 @@ __version__ = _core.__version__
 
 # The torch modules import torch; load them on first use so that a NumPy-only user
 # can `import cnnboost` and call `cnnboost._core` without torch installed.
-_TORCH_MODULES = {"AB": "ab", "FFC": "ffc", "SSM": "ssm", "reference": None, "models": None}
+_TORCH_MODULES = {"AB": "ab", "AFI": "afi", "FFC": "ffc", "SSM": "ssm", "reference": None, "models": None}
 
-__all__ = ["AB", "FFC", "SSM", "reference", "models", "get_num_threads", "set_num_threads", "__version__"]
+__all__ = ["AB", "AFI", "FFC", "SSM", "reference", "models", "get_num_threads", "set_num_threads", "__version__"]
 
 
 def __getattr__(name: str):

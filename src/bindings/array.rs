@@ -189,16 +189,12 @@ pub fn items<'py>(
     len: usize,
     what: &str,
 ) -> PyResult<Vec<Bound<'py, PyAny>>> {
-    let items: Vec<Bound<'py, PyAny>> = if let Ok(l) = obj.cast::<PyList>() {
-        l.iter().collect()
-    } else if let Ok(t) = obj.cast::<PyTuple>() {
-        t.iter().collect()
-    } else {
-        return Err(PyTypeError::new_err(format!(
+    let items = any_items(obj, arg).map_err(|_| {
+        PyTypeError::new_err(format!(
             "{arg}: expected a list of arrays of length {len} ({what}), got {}",
             type_name(obj)
-        )));
-    };
+        ))
+    })?;
     if items.len() != len {
         return Err(PyValueError::new_err(format!(
             "{arg}: expected a list of length {len} ({what}), got length {}",
@@ -206,6 +202,20 @@ pub fn items<'py>(
         )));
     }
     Ok(items)
+}
+
+/// The items of a list or tuple argument, of any length.
+pub fn any_items<'py>(obj: &Bound<'py, PyAny>, arg: &str) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    if let Ok(l) = obj.cast::<PyList>() {
+        Ok(l.iter().collect())
+    } else if let Ok(t) = obj.cast::<PyTuple>() {
+        Ok(t.iter().collect())
+    } else {
+        Err(PyTypeError::new_err(format!(
+            "{arg}: expected a list or tuple of arrays, got {}",
+            type_name(obj)
+        )))
+    }
 }
 
 /// A kernel's result as a NumPy array of the given shape, without a copy.

@@ -4,6 +4,7 @@
 //! kernels run in with the GIL released.
 
 mod ab;
+mod afi;
 mod array;
 mod ffc;
 mod ssm;
@@ -97,6 +98,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_in_kernel, m)?)?;
     m.add_class::<ab::Ab>()?;
+    m.add_class::<afi::Afi>()?;
     m.add_class::<ffc::Ffc>()?;
     m.add_class::<ssm::Ssm>()?;
     Ok(())

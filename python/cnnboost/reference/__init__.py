@@ -3,7 +3,8 @@ as the fast modules, computed the straightforward way. The tests compare against
 them; they are also a readable statement of what each module computes."""
 
 from .ab import AB
+from .afi import AFI
 from .ffc import FFC, vote_scores
 from .ssm import SSM
 
-__all__ = ["AB", "FFC", "SSM", "vote_scores"]
+__all__ = ["AB", "AFI", "FFC", "SSM", "vote_scores"]

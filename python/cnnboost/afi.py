@@ -1,0 +1,162 @@
+"""AFI — Attentive Feature Integration, on the Rust kernels (custom ops
+``cnnboost::afi_forward`` and ``cnnboost::afi_backward``)."""
+
+from __future__ import annotations
+
+import functools
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import _core
+from ._torch import autocast_input, check_int, check_tensor, from_numpy, to_numpy
+
+__all__ = ["AFI"]
+
+
+@functools.lru_cache(maxsize=64)
+def _kernels(channels: int, reduction: int) -> _core.AFI:
+    return _core.AFI(channels, reduction)
+
+
+def _np(t: Optional[Tensor]):
+    return None if t is None else to_numpy(t)
+
+
+@torch.library.custom_op("cnnboost::afi_forward", mutates_args=())
+def afi_forward(
+    xs: List[Tensor],
+    fc1_weight: Tensor,
+    fc1_bias: Optional[Tensor],
+    fc2_weight: Tensor,
+    fc2_bias: Optional[Tensor],
+    reduction: int,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (fused, z, hidden, weights); the last three are kept for backward."""
+    arrays = _kernels(fc1_weight.shape[1], reduction).forward(
+        [to_numpy(x) for x in xs], to_numpy(fc1_weight), _np(fc1_bias), to_numpy(fc2_weight), _np(fc2_bias)
+    )
+    return tuple(from_numpy(a) for a in arrays)  # type: ignore[return-value]
+
+
+@afi_forward.register_fake
+def _(xs, fc1_weight, fc1_bias, fc2_weight, fc2_bias, reduction):
+    x = xs[0]
+    m, n, c, hidden = len(xs), x.shape[0], x.shape[1], fc1_weight.shape[0]
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        x.new_empty((m, n, c)),
+        x.new_empty((m, n, hidden)),
+        x.new_empty((m, n, c)),
+    )
+
+
+@torch.library.custom_op("cnnboost::afi_backward", mutates_args=())
+def afi_backward(
+    grad_out: Tensor,
+    xs: List[Tensor],
+    z: Tensor,
+    hidden: Tensor,
+    weights: Tensor,
+    fc1_weight: Tensor,
+    fc1_bias: Optional[Tensor],
+    fc2_weight: Tensor,
+    fc2_bias: Optional[Tensor],
+    reduction: int,
+) -> List[Tensor]:
+    """Returns [grad_x_1 … grad_x_M, grad_fc1_weight, grad_fc1_bias, grad_fc2_weight,
+    grad_fc2_bias] (a bias gradient is empty when the bias is None)."""
+    gxs, gw1, gb1, gw2, gb2 = _kernels(fc1_weight.shape[1], reduction).backward(
+        to_numpy(grad_out), [to_numpy(x) for x in xs], to_numpy(z), to_numpy(hidden), to_numpy(weights),
+        to_numpy(fc1_weight), _np(fc1_bias), to_numpy(fc2_weight), _np(fc2_bias),
+    )
+    return [from_numpy(a) for a in (*gxs, gw1, gb1, gw2, gb2)]
+
+
+@afi_backward.register_fake
+def _(grad_out, xs, z, hidden, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias, reduction):
+    empty = grad_out.new_empty((0,))
+    return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in xs] + [
+        torch.empty_like(fc1_weight),
+        torch.empty_like(fc1_bias) if fc1_bias is not None else empty,
+        torch.empty_like(fc2_weight),
+        torch.empty_like(fc2_bias) if fc2_bias is not None else empty,
+    ]
+
+
+def _setup_context(ctx, inputs, output):
+    xs, fc1_weight, fc1_bias, fc2_weight, fc2_bias, reduction = inputs
+    _, z, hidden, weights = output
+    ctx.m = len(xs)
+    ctx.reduction = reduction
+    ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
+    ctx.save_for_backward(*xs, z, hidden, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    ctx.mark_non_differentiable(z, hidden, weights)
+
+
+def _backward(ctx, grad_out, *_):
+    saved = ctx.saved_tensors
+    xs, (z, hidden, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias) = list(saved[: ctx.m]), saved[ctx.m:]
+    grads = afi_backward(grad_out.contiguous(), xs, z, hidden, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                         ctx.reduction)
+    gxs, (gw1, gb1, gw2, gb2) = grads[: ctx.m], grads[ctx.m:]
+    return (list(gxs), gw1, gb1 if ctx.has_bias[0] else None, gw2, gb2 if ctx.has_bias[1] else None, None)
+
+
+afi_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class AFI(nn.Module):
+    r"""Attentive Feature Integration: fuses M ≥ 1 same-shape feature maps.
+
+    ``z_i = GAP(X_i)``; ``s_i = fc2(ReLU(fc1(z_i)))`` (one scorer shared by every
+    map); ``w = softmax over i`` per sample and channel; ``R = Σ_i w_i · X_i``.
+    Called as ``afi(xs)`` with a list or tuple of ``[N, C, H, W]`` tensors; the same
+    module takes a different M on the next call (block i of a stage fuses the i−1
+    earlier outputs). The inputs are read where they lie, never stacked.
+
+    ``reduction`` r: the scorer's hidden size is ``channels // r`` (4 in the
+    AFI-Network, 16 in the "-B" setting). Scorer biases are off by default.
+    Parameters: ``fc1.weight`` ``[C/r, C]``, ``fc2.weight`` ``[C, C/r]`` (and
+    ``fc1.bias``, ``fc2.bias`` with ``bias=True``).
+
+    Example::
+
+        fused = cnnboost.AFI(256)([out1, out2, out3])
+    """
+
+    def __init__(self, channels: int, reduction: int = 4, bias: bool = False, device=None, dtype=None) -> None:
+        super().__init__()
+        self.channels = check_int("channels", channels, minimum=1)
+        self.reduction = check_int("reduction", reduction, minimum=1)
+        if reduction > channels:
+            raise ValueError(f"reduction: expected an int in [1, channels = {channels}], got {reduction}")
+        hidden = channels // reduction
+        factory = {"device": device, "dtype": dtype}
+        self.fc1 = nn.Linear(channels, hidden, bias=bias, **factory)
+        self.fc2 = nn.Linear(hidden, channels, bias=bias, **factory)
+
+    def forward(self, xs: Sequence[Tensor]) -> Tensor:
+        if isinstance(xs, Tensor) or not isinstance(xs, (list, tuple)):
+            raise TypeError(f"xs: expected a list or tuple of [N, C, H, W] tensors, got {type(xs).__name__}")
+        if len(xs) == 0:
+            raise ValueError("xs: expected at least one feature map, got an empty list")
+        like = self.fc1.weight
+        xs = [autocast_input(x, like) for x in xs]
+        for i, x in enumerate(xs):
+            check_tensor(f"xs[{i}]", x, ndims=(4,), like=like, layout_doc=" [N, C, H, W]")
+        first = xs[0]
+        if first.shape[1] != self.channels:
+            raise ValueError(f"xs[0]: expected {self.channels} channels in dim 1, got shape {tuple(first.shape)}")
+        if first.shape[2] * first.shape[3] == 0:
+            raise ValueError(f"xs[0]: expected a non-empty H×W plane, got shape {tuple(first.shape)}")
+        for i, x in enumerate(xs[1:], 1):
+            if x.shape != first.shape:
+                raise ValueError(f"xs[{i}]: expected shape {tuple(first.shape)} (that of xs[0]), got {tuple(x.shape)}")
+        out, _, _, _ = afi_forward(list(xs), self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                                   self.reduction)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, reduction={self.reduction}, bias={self.fc1.bias is not None}"

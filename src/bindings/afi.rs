@@ -1,0 +1,243 @@
+//! `cnnboost._core.AFI`: the AFI kernels for NumPy arrays and DLPack objects.
+
+use super::array::{
+    any_items, dispatch, expect_rank, expect_shape, fmt_shape, input, list, output, tuple, Input,
+};
+use super::{compute, to_py_err};
+use crate::kernels::afi::{self, Params, Saved};
+use crate::kernels::Float;
+use numpy::Element;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+
+/// Attentive Feature Integration kernels (forward, backward).
+///
+/// Fuses M ≥ 1 same-shape maps `xs` (a list, each `[N, C, H, W]`, read where they
+/// lie) with a shared scorer: `fc1_weight` `[C/r, C]`, `fc2_weight` `[C, C/r]`, biases
+/// optional (None). M may change from call to call.
+#[pyclass(module = "cnnboost._core", name = "AFI", frozen)]
+pub struct Afi {
+    channels: usize,
+    hidden: usize,
+}
+
+/// The maps of one call, read and checked: `(arrays, shape)`.
+fn read_maps<'py, T: Element + Float>(
+    xs: &Bound<'py, PyAny>,
+    channels: usize,
+) -> PyResult<(Vec<Input<'py, T>>, Vec<usize>)> {
+    let items = any_items(xs, "xs")?;
+    if items.is_empty() {
+        return Err(PyValueError::new_err("xs: expected at least one feature map, got an empty list"));
+    }
+    let mut maps = Vec::with_capacity(items.len());
+    let mut shape: Vec<usize> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let arg = format!("xs[{i}]");
+        let x = input::<T>(item, &arg)?;
+        let s = expect_rank(&arg, x.shape(), 4, "[N, C, H, W]")?.to_vec();
+        if i == 0 {
+            if s[1] != channels {
+                return Err(PyValueError::new_err(format!(
+                    "{arg}: expected {channels} channels in dim 1, got shape {}",
+                    fmt_shape(&s)
+                )));
+            }
+            shape = s;
+        } else {
+            expect_shape(&arg, &s, &shape)?;
+        }
+        maps.push(x);
+    }
+    Ok((maps, shape))
+}
+
+/// The scorer of one call, read and checked.
+struct Scorer<'py, T: Element> {
+    w1: Input<'py, T>,
+    b1: Option<Input<'py, T>>,
+    w2: Input<'py, T>,
+    b2: Option<Input<'py, T>>,
+}
+
+impl<'py, T: Element + Float> Scorer<'py, T> {
+    fn read(
+        afi: &Afi,
+        fc1_weight: &Bound<'py, PyAny>,
+        fc1_bias: Option<&Bound<'py, PyAny>>,
+        fc2_weight: &Bound<'py, PyAny>,
+        fc2_bias: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Self> {
+        let (c, h) = (afi.channels, afi.hidden);
+        let w1 = input::<T>(fc1_weight, "fc1_weight")?;
+        expect_shape("fc1_weight", w1.shape(), &[h, c])?;
+        let w2 = input::<T>(fc2_weight, "fc2_weight")?;
+        expect_shape("fc2_weight", w2.shape(), &[c, h])?;
+        let b1 = fc1_bias.map(|b| input::<T>(b, "fc1_bias")).transpose()?;
+        if let Some(b) = &b1 {
+            expect_shape("fc1_bias", b.shape(), &[h])?;
+        }
+        let b2 = fc2_bias.map(|b| input::<T>(b, "fc2_bias")).transpose()?;
+        if let Some(b) = &b2 {
+            expect_shape("fc2_bias", b.shape(), &[c])?;
+        }
+        Ok(Scorer { w1, b1, w2, b2 })
+    }
+    fn params(&self) -> Params<'_, T> {
+        Params {
+            fc1_weight: self.w1.slice(),
+            fc1_bias: self.b1.as_ref().map(|b| b.slice()),
+            fc2_weight: self.w2.slice(),
+            fc2_bias: self.b2.as_ref().map(|b| b.slice()),
+        }
+    }
+}
+
+fn forward_t<'py, T: Element + Float>(
+    first: &Bound<'py, PyAny>,
+    afi: &Afi,
+    xs: &Bound<'py, PyAny>,
+    fc1_weight: &Bound<'py, PyAny>,
+    fc1_bias: Option<&Bound<'py, PyAny>>,
+    fc2_weight: &Bound<'py, PyAny>,
+    fc2_bias: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let py = first.py();
+    let (maps, shape) = read_maps::<T>(xs, afi.channels)?;
+    let scorer = Scorer::<T>::read(afi, fc1_weight, fc1_bias, fc2_weight, fc2_bias)?;
+    let (n, c, hw) = (shape[0], shape[1], shape[2] * shape[3]);
+    let slices: Vec<&[T]> = maps.iter().map(|x| x.slice()).collect();
+    let p = scorer.params();
+    let f = compute(py, || afi::forward(&slices, n, c, hw, &p))?.map_err(to_py_err)?;
+    let m = maps.len();
+    tuple(
+        py,
+        vec![
+            output(py, f.out, &shape)?,
+            output(py, f.z, &[m, n, c])?,
+            output(py, f.hidden, &[m, n, afi.hidden])?,
+            output(py, f.weights, &[m, n, c])?,
+        ],
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_t<'py, T: Element + Float>(
+    grad_out: &Bound<'py, PyAny>,
+    afi: &Afi,
+    xs: &Bound<'py, PyAny>,
+    z: &Bound<'py, PyAny>,
+    hidden: &Bound<'py, PyAny>,
+    weights: &Bound<'py, PyAny>,
+    fc1_weight: &Bound<'py, PyAny>,
+    fc1_bias: Option<&Bound<'py, PyAny>>,
+    fc2_weight: &Bound<'py, PyAny>,
+    fc2_bias: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let py = grad_out.py();
+    let (maps, shape) = read_maps::<T>(xs, afi.channels)?;
+    let go = input::<T>(grad_out, "grad_out")?;
+    expect_shape("grad_out", go.shape(), &shape)?;
+    let (m, n, c, hw) = (maps.len(), shape[0], shape[1], shape[2] * shape[3]);
+    let zs = input::<T>(z, "z")?;
+    expect_shape("z", zs.shape(), &[m, n, c])?;
+    let hs = input::<T>(hidden, "hidden")?;
+    expect_shape("hidden", hs.shape(), &[m, n, afi.hidden])?;
+    let ws = input::<T>(weights, "weights")?;
+    expect_shape("weights", ws.shape(), &[m, n, c])?;
+    let scorer = Scorer::<T>::read(afi, fc1_weight, fc1_bias, fc2_weight, fc2_bias)?;
+    let slices: Vec<&[T]> = maps.iter().map(|x| x.slice()).collect();
+    let (gos, p) = (go.slice(), scorer.params());
+    let saved = Saved { z: zs.slice(), hidden: hs.slice(), weights: ws.slice() };
+    let g = compute(py, || afi::backward(gos, &slices, n, c, hw, &p, &saved))?.map_err(to_py_err)?;
+    let grads_x = g.xs.into_iter().map(|gx| output(py, gx, &shape)).collect::<PyResult<Vec<_>>>()?;
+    let h = afi.hidden;
+    let b1 = g.fc1_bias.unwrap_or_default();
+    let b2 = g.fc2_bias.unwrap_or_default();
+    let (l1, l2) = (b1.len(), b2.len());
+    tuple(
+        py,
+        vec![
+            list(py, grads_x)?,
+            output(py, g.fc1_weight, &[h, c])?,
+            output(py, b1, &[l1])?,
+            output(py, g.fc2_weight, &[c, h])?,
+            output(py, b2, &[l2])?,
+        ],
+    )
+}
+
+#[pymethods]
+impl Afi {
+    /// `hidden = channels // reduction` (at least 1).
+    #[new]
+    #[pyo3(signature = (channels, reduction = 4))]
+    fn new(channels: i64, reduction: i64) -> PyResult<Self> {
+        if channels < 1 {
+            return Err(PyValueError::new_err(format!("channels: expected an integer >= 1, got {channels}")));
+        }
+        if reduction < 1 || reduction > channels {
+            return Err(PyValueError::new_err(format!(
+                "reduction: expected an integer in [1, channels = {channels}], got {reduction}"
+            )));
+        }
+        Ok(Afi { channels: channels as usize, hidden: (channels / reduction) as usize })
+    }
+
+    #[getter]
+    fn channels(&self) -> usize {
+        self.channels
+    }
+    /// The scorer's hidden size, `channels // reduction`.
+    #[getter]
+    fn hidden(&self) -> usize {
+        self.hidden
+    }
+
+    fn __repr__(&self) -> String {
+        format!("AFI(channels={}, hidden={})", self.channels, self.hidden)
+    }
+
+    /// Forward. Returns `(out, z, hidden, weights)`: `out` like each map; `z`
+    /// `[M, N, C]` (pooled maps), `hidden` `[M, N, C/r]` (after the ReLU), `weights`
+    /// `[M, N, C]` (the softmax over maps) for `backward`.
+    #[pyo3(signature = (xs, fc1_weight, fc1_bias, fc2_weight, fc2_bias))]
+    fn forward<'py>(
+        &self,
+        xs: &Bound<'py, PyAny>,
+        fc1_weight: &Bound<'py, PyAny>,
+        fc1_bias: Option<&Bound<'py, PyAny>>,
+        fc2_weight: &Bound<'py, PyAny>,
+        fc2_bias: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let first = any_items(xs, "xs")?.into_iter().next().ok_or_else(|| {
+            PyValueError::new_err("xs: expected at least one feature map, got an empty list")
+        })?;
+        dispatch!(&first, "xs[0]", forward_t(self, xs, fc1_weight, fc1_bias, fc2_weight, fc2_bias))
+    }
+
+    /// Backward. Returns `(grad_xs, grad_fc1_weight, grad_fc1_bias, grad_fc2_weight,
+    /// grad_fc2_bias)`: `grad_xs` a list (one per map); a bias gradient is empty when
+    /// that bias is None.
+    #[pyo3(signature = (grad_out, xs, z, hidden, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias))]
+    #[allow(clippy::too_many_arguments)]
+    fn backward<'py>(
+        &self,
+        grad_out: &Bound<'py, PyAny>,
+        xs: &Bound<'py, PyAny>,
+        z: &Bound<'py, PyAny>,
+        hidden: &Bound<'py, PyAny>,
+        weights: &Bound<'py, PyAny>,
+        fc1_weight: &Bound<'py, PyAny>,
+        fc1_bias: Option<&Bound<'py, PyAny>>,
+        fc2_weight: &Bound<'py, PyAny>,
+        fc2_bias: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        dispatch!(
+            grad_out,
+            "grad_out",
+            backward_t(self, xs, z, hidden, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+        )
+    }
+}
