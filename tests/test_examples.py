@@ -19,11 +19,14 @@ def test_quickstart_notebook_runs(capsys):
     assert "loss after 20 steps" in capsys.readouterr().out
 
 
-def test_demo_runs_one_epoch(capsys):
+def test_demo_runs_one_epoch(capsys, tmp_path):
     pytest.importorskip("sklearn")
     from cnnboost import demo
 
-    demo.main(["--epochs", "1"])
+    png = tmp_path / "curves.png"
+    demo.main(["--epochs", "1", "--plot", str(png)])
     out = capsys.readouterr().out
     for name in demo.VARIANTS:
-        assert name in out
+        assert f"\n{name} " in out
+    if "not plotted" not in out:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

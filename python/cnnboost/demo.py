@@ -40,18 +40,27 @@ def conv_bn(cin: int, cout: int, booster: bool = False) -> nn.Sequential:
 
 
 class SmallCNN(nn.Module):
-    """conv(32) → conv(64) → pool → conv(128) on 8×8 inputs, then a head on the
-    [N, 128, 4, 4] feature map; `booster=True` puts an AB block in every conv block."""
+    """stem conv(32) → three conv(32) blocks → pool → conv(128) on 8×8 inputs, then a
+    head on the [N, 128, 4, 4] map. `booster=True` puts an AB block in every conv
+    block; `fuse=True` feeds the pool with AFI's fusion of the three block outputs
+    instead of the last one."""
 
-    def __init__(self, head: nn.Module, booster: bool = False):
+    def __init__(self, head: nn.Module, booster: bool = False, fuse: bool = False):
         super().__init__()
-        self.features = nn.Sequential(
-            conv_bn(1, 32, booster), conv_bn(32, 64, booster), nn.MaxPool2d(2), conv_bn(64, 128, booster)
-        )
+        self.stem = conv_bn(1, 32, booster)
+        self.blocks = nn.ModuleList(conv_bn(32, 32, booster) for _ in range(3))
+        self.fuse = cnnboost.AFI(32) if fuse else None
+        self.tail = nn.Sequential(nn.MaxPool2d(2), conv_bn(32, 128, booster))
         self.head = head
 
     def forward(self, x):
-        return self.head(self.features(x))
+        x = self.stem(x)
+        outs = []
+        for block in self.blocks:
+            x = x + block(x)
+            outs.append(x)
+        x = self.fuse(outs) if self.fuse is not None else outs[-1]
+        return self.head(self.tail(x))
 
 
 class LinearHead(nn.Module):
@@ -66,7 +75,10 @@ class LinearHead(nn.Module):
 VARIANTS: Dict[str, Callable[[], nn.Module]] = {
     "baseline": lambda: SmallCNN(LinearHead(128, 10)),
     "ffc": lambda: SmallCNN(cnnboost.FFC(128, 10)),
+    "ssm": lambda: SmallCNN(cnnboost.SSM(128, 10)),
     "ab": lambda: SmallCNN(LinearHead(128, 10), booster=True),
+    "afi": lambda: SmallCNN(LinearHead(128, 10), fuse=True),
+    "all": lambda: SmallCNN(cnnboost.FFC(128, 10), booster=True, fuse=True),
 }
 
 
@@ -85,10 +97,12 @@ def run(name: str, make: Callable[[], nn.Module], data, epochs: int, seed: int, 
     if tqdm is not None:
         epoch_iter = tqdm(epoch_iter, desc=f"{name:>9}", leave=False)
     seconds = 0.0
+    curve = []  # mean training loss per epoch
     for _ in epoch_iter:
         model.train()
         start = time.perf_counter()
         perm = torch.randperm(len(train_x))
+        total, batches = 0.0, 0
         for i in range(0, len(train_x), batch):
             idx = perm[i:i + batch]
             if len(idx) < 2:  # batch norm needs two samples
@@ -97,12 +111,37 @@ def run(name: str, make: Callable[[], nn.Module], data, epochs: int, seed: int, 
             loss = loss_fn(model(train_x[idx]), train_y[idx])
             loss.backward()
             opt.step()
+            total, batches = total + loss.item(), batches + 1
         sched.step()
         seconds += time.perf_counter() - start
+        curve.append(total / max(batches, 1))
     model.eval()
     with torch.no_grad():
         acc = (model(test_x).argmax(1) == test_y).float().mean().item()
-    return acc, seconds / epochs
+    return acc, seconds / epochs, curve
+
+
+def plot(curves: Dict[str, list], path: str) -> bool:
+    """Writes the training-loss curves to a PNG; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, curve in curves.items():
+        ax.plot(range(1, len(curve) + 1), curve, label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.set_title("cnnboost demo: small CNN on scikit-learn digits")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def main(argv=None) -> None:
@@ -110,6 +149,7 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
+    parser.add_argument("--plot", default="cnnboost_demo.png", help="PNG of the learning curves ('' for none)")
     args = parser.parse_args(argv)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in names:
@@ -120,9 +160,15 @@ def main(argv=None) -> None:
     print(f"digits: {len(data[0])} train / {len(data[2])} test images, {args.epochs} epochs, "
           f"{torch.get_num_threads()} threads, cnnboost {cnnboost.__version__}")
     print(f"{'variant':<10} {'test acc':>9} {'s/epoch':>9}")
+    curves = {}
     for v in names:
-        acc, sec = run(v, VARIANTS[v], data, args.epochs, args.seed)
+        acc, sec, curves[v] = run(v, VARIANTS[v], data, args.epochs, args.seed)
         print(f"{v:<10} {acc:>9.4f} {sec:>9.3f}")
+    if args.plot:
+        if plot(curves, args.plot):
+            print(f"learning curves: {args.plot}")
+        else:
+            print("learning curves: not plotted (pip install matplotlib)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,51 @@
+"""A small CNN built from every cnnboost module trains for several SGD steps with
+the same losses, parameters and running statistics as its pure-torch twin."""
+
+import pytest
+import torch
+from torch import nn
+
+import cnnboost
+from cnnboost import reference
+
+
+class Net(nn.Module):
+    def __init__(self, ns, head: str):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.b1 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), ns.AB(8))
+        self.b2 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), ns.AB(8, groups=1))
+        self.fuse = ns.AFI(8, reduction=2, bias=True)
+        self.head = ns.SSM(8, 5, num_heads=2) if head == "ssm" else ns.FFC(8, 5, eval_ensemble="mean")
+
+    def forward(self, x):
+        x0 = self.stem(x)
+        x1 = torch.relu(self.b1(x0))
+        x2 = torch.relu(self.b2(x1))
+        return self.head(self.fuse([x0, x1, x2]))
+
+
+@pytest.mark.parametrize("head", ["ssm", "ffc"])
+def test_sgd_steps_match_the_reference_twin(head):
+    torch.manual_seed(0)
+    fast = Net(cnnboost, head).double()
+    ref = Net(reference, head).double()
+    ref.load_state_dict(fast.state_dict())
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (fast, ref)]
+    g = torch.Generator().manual_seed(1)
+    for step in range(6):
+        x = torch.randn(6, 3, 5, 5, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 5, (6,), generator=g)
+        losses = []
+        for model, opt in zip((fast, ref), opts):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert losses[0] == pytest.approx(losses[1], rel=1e-10), f"step {step}"
+    for (k, a), (_, b) in zip(fast.state_dict().items(), ref.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=k)
+    fast.eval(), ref.eval()
+    x = torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(fast(x), ref(x))
