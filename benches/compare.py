@@ -68,7 +68,37 @@ def ab_cases() -> List[Case]:
     return cases
 
 
-CASE_GROUPS = {"ffc": ffc_cases, "ab": ab_cases}
+def ssm_cases() -> List[Case]:
+    n, c, k, g = 256, 2048, 1000, 4
+    width = c * (g + 1) // 2  # Σ_i i·C/G: the concatenated width of the G heads
+    gemm = 2.0 * n * width * k
+    make = lambda cls: cls(c, k)  # noqa: E731
+    return [
+        Case("ssm train 256x2048", make, cnnboost.SSM, reference.SSM,
+             lambda: [torch.randn(n, c, requires_grad=True)], True, flops=3 * gemm),
+        Case("ssm eval 256x2048", make, cnnboost.SSM, reference.SSM, lambda: [torch.randn(n, c)], False, flops=gemm),
+    ]
+
+
+def afi_cases() -> List[Case]:
+    cases = []
+    for n, c, h in [(32, 64, 56), (32, 256, 28)]:
+        m = 3
+        size = n * c * h * h * 4
+        for train in (True, False):
+            cases.append(Case(
+                f"afi {'train' if train else 'eval'} 3x{n}x{c}x{h}x{h}", (lambda c: lambda cls: cls(c))(c),
+                cnnboost.AFI, reference.AFI,
+                (lambda s, t: lambda: [[torch.randn(s, requires_grad=t) for _ in range(m)]])((n, c, h, h), train),
+                train,
+                # forward: read each map twice, write R; backward: read grad_R and each
+                # map, then read grad_R and write each map's gradient
+                bytes=((2 * m + 1) + (1 + m) + (1 + m)) * size if train else (2 * m + 1) * size,
+            ))
+    return cases
+
+
+CASE_GROUPS = {"ffc": ffc_cases, "ssm": ssm_cases, "ab": ab_cases, "afi": afi_cases}
 
 
 def machine_rates():
@@ -93,6 +123,14 @@ def median_time(fn, reps):
     return statistics.median(ts)
 
 
+def _tensors(xs):
+    for x in xs:
+        if isinstance(x, (list, tuple)):
+            yield from x
+        else:
+            yield x
+
+
 def step_fn(module: nn.Module, case: Case):
     xs = case.inputs()
     module.train(case.train)
@@ -102,7 +140,7 @@ def step_fn(module: nn.Module, case: Case):
         def run():
             for p in params:
                 p.grad = None
-            for x in xs:
+            for x in _tensors(xs):
                 if x.requires_grad:
                     x.grad = None
             out = case.call(module, xs)
