@@ -6,7 +6,7 @@ layout that is not C-contiguous and aligned is copied first). Results are new Nu
 arrays. Bad arguments raise ``ValueError``/``TypeError`` naming the argument.
 """
 
-from typing import Any, List, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from numpy.typing import NDArray
@@ -137,3 +137,94 @@ class SSM:
         forward's ``mean``/``invstd``. Returns ``(grad_x, grad_fc_weights,
         grad_fc_biases, grad_bn_weights, grad_bn_biases)``; ``grad_x`` is ``[N, C]``: for
         a 4-d input with ``hw = H*W`` it is the gradient of every pixel of each plane."""
+
+class AB:
+    """Accuracy Booster block kernels. Holds only the hyper-parameters; parameters
+    and running statistics are passed to each call: ``conv_weight``
+    ``[C, C/groups, 1, 1]`` (or ``[C, C/groups]``), ``conv_bias`` ``[C]`` or None,
+    ``bn_weight``/``bn_bias``/``running_mean``/``running_var`` ``[C]``. Running
+    statistics are only read (in eval); training returns the batch statistics.
+
+    >>> core = AB(channels=64)                       # groups=None: depthwise (AB); 1: AB-Plus
+    >>> out, pooled, mean, invstd, var = core.forward(x, w, None, g, b, rm, rv, True)
+    >>> gx, gw, gb, gg, gbeta = core.backward(dout, x, pooled, mean, invstd, w, None, g, b, True)
+    """
+
+    def __init__(self, channels: int, groups: Optional[int] = None, eps: float = 1e-5) -> None: ...
+    @property
+    def channels(self) -> int: ...
+    @property
+    def groups(self) -> int: ...
+    @property
+    def eps(self) -> float: ...
+    def forward(
+        self,
+        x: ArrayLike,
+        conv_weight: ArrayLike,
+        conv_bias: Optional[ArrayLike],
+        bn_weight: ArrayLike,
+        bn_bias: ArrayLike,
+        running_mean: ArrayLike,
+        running_var: ArrayLike,
+        training: bool,
+    ) -> Tuple[Array, Array, Array, Array, Array]:
+        """``x`` ``[N, C, H, W]``. Returns ``(out, pooled, mean, invstd, var_unbiased)``:
+        ``out`` like ``x``; ``pooled`` ``[N, C]`` and ``mean``/``invstd`` ``[C]`` for
+        ``backward``; ``var_unbiased`` ``[C]`` in training, empty in eval."""
+    def backward(
+        self,
+        grad_out: ArrayLike,
+        x: ArrayLike,
+        pooled: ArrayLike,
+        mean: ArrayLike,
+        invstd: ArrayLike,
+        conv_weight: ArrayLike,
+        conv_bias: Optional[ArrayLike],
+        bn_weight: ArrayLike,
+        bn_bias: ArrayLike,
+        training: bool,
+    ) -> Tuple[Array, Array, Array, Array, Array]:
+        """Returns ``(grad_x, grad_conv_weight [C, C/groups, 1, 1], grad_conv_bias
+        ([C], empty without a bias), grad_bn_weight, grad_bn_bias)``."""
+
+class AFI:
+    """Attentive Feature Integration kernels: fuse M >= 1 same-shape maps (a list of
+    ``[N, C, H, W]`` arrays, read in place) with a shared scorer ``fc1_weight``
+    ``[C/r, C]``, ``fc2_weight`` ``[C, C/r]``, optional biases.
+
+    >>> core = AFI(channels=64, reduction=4)
+    >>> out, z, hidden, weights = core.forward([x1, x2, x3], w1, None, w2, None)
+    >>> gxs, gw1, gb1, gw2, gb2 = core.backward(dout, [x1, x2, x3], z, hidden, weights, w1, None, w2, None)
+    """
+
+    def __init__(self, channels: int, reduction: int = 4) -> None: ...
+    @property
+    def channels(self) -> int: ...
+    @property
+    def hidden(self) -> int:
+        """``channels // reduction``."""
+    def forward(
+        self,
+        xs: Sequence[ArrayLike],
+        fc1_weight: ArrayLike,
+        fc1_bias: Optional[ArrayLike],
+        fc2_weight: ArrayLike,
+        fc2_bias: Optional[ArrayLike],
+    ) -> Tuple[Array, Array, Array, Array]:
+        """Returns ``(out, z, hidden, weights)``: ``out`` like each map; ``z``
+        ``[M, N, C]``, ``hidden`` ``[M, N, C/r]``, ``weights`` ``[M, N, C]`` (softmax
+        over the maps) for ``backward``."""
+    def backward(
+        self,
+        grad_out: ArrayLike,
+        xs: Sequence[ArrayLike],
+        z: ArrayLike,
+        hidden: ArrayLike,
+        weights: ArrayLike,
+        fc1_weight: ArrayLike,
+        fc1_bias: Optional[ArrayLike],
+        fc2_weight: ArrayLike,
+        fc2_bias: Optional[ArrayLike],
+    ) -> Tuple[List[Array], Array, Array, Array, Array]:
+        """Returns ``(grad_xs, grad_fc1_weight, grad_fc1_bias, grad_fc2_weight,
+        grad_fc2_bias)``; a bias gradient is empty when that bias is None."""
