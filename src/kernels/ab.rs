@@ -112,6 +112,9 @@ fn conv<T: Float>(cfg: &Config, y: &[T], n: usize, p: &Params<T>) -> Vec<T> {
     let (c, g) = (cfg.channels, cfg.groups);
     let cg = c / g;
     let mut t = vec![T::zero(); n * c];
+    if n == 0 {
+        return t;
+    }
     if let Some(b) = p.conv_bias {
         for row in t.chunks_mut(c) {
             row.copy_from_slice(b);
@@ -203,7 +206,7 @@ pub fn backward<T: Float>(
             }
         }
         conv_weight = acc.into_iter().map(T::of).collect();
-    } else {
+    } else if n > 0 {
         for gi in 0..g {
             let dtg = Mat::with_ld(&dt[gi * cg..], n, cg, c);
             let yg = Mat::with_ld(&pooled[gi * cg..], n, cg, c);
@@ -418,5 +421,14 @@ mod tests {
         assert_eq!(e.unwrap_err().arg, "grad_out");
         let single = Case::new(1, 1, 6, 2, 6, false, false);
         assert!(forward(&single.cfg, &single.x, 1, 2, &single.params(), single.running()).is_ok());
+        // An empty batch in eval (found by the fuzzer: the grouped conv sliced past it).
+        for g in [1, 2, 6] {
+            let mut empty = Case::new(1, 0, 6, 2, g, true, false);
+            empty.cfg.groups = g;
+            let f = forward(&empty.cfg, &[], 0, 2, &empty.params(), empty.running()).unwrap();
+            assert!(f.out.is_empty());
+            let gr = backward(&empty.cfg, &[], &[], 0, 2, &empty.params(), &f.pooled, &f.mean, &f.invstd).unwrap();
+            assert!(gr.x.is_empty() && gr.conv_weight.iter().all(|&v| v == 0.0));
+        }
     }
 }
