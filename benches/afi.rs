@@ -63,4 +63,3 @@ fn backward(b: Bencher, i: usize) {
     let g = data(s.n * s.c * s.hw, 7);
     b.bench(|| afi::backward(&g, &s.maps(), s.n, s.c, s.hw, &s.params(), &f.saved()).unwrap());
 }
-

@@ -427,7 +427,8 @@ mod tests {
             empty.cfg.groups = g;
             let f = forward(&empty.cfg, &[], 0, 2, &empty.params(), empty.running()).unwrap();
             assert!(f.out.is_empty());
-            let gr = backward(&empty.cfg, &[], &[], 0, 2, &empty.params(), &f.pooled, &f.mean, &f.invstd).unwrap();
+            let gr =
+                backward(&empty.cfg, &[], &[], 0, 2, &empty.params(), &f.pooled, &f.mean, &f.invstd).unwrap();
             assert!(gr.x.is_empty() && gr.conv_weight.iter().all(|&v| v == 0.0));
         }
     }

@@ -12,23 +12,13 @@ pub fn planes_per_task(hw: usize, streams: usize) -> usize {
     (32 * 1024 / hw.saturating_mul(streams).max(1)).max(1)
 }
 
-/// Mean of one contiguous plane, accumulated in f64.
+/// Mean of one contiguous plane (see [`sum`]).
 #[inline]
 pub fn plane_mean<T: Float>(plane: &[T]) -> T {
     if plane.is_empty() {
         return T::zero();
     }
-    // Four independent accumulators let the compiler keep several adds in flight.
-    let mut acc = [0.0f64; 4];
-    let mut chunks = plane.chunks_exact(4);
-    for c in &mut chunks {
-        acc[0] += c[0].as_f64();
-        acc[1] += c[1].as_f64();
-        acc[2] += c[2].as_f64();
-        acc[3] += c[3].as_f64();
-    }
-    let tail: f64 = chunks.remainder().iter().map(|v| v.as_f64()).sum();
-    T::of((acc[0] + acc[1] + acc[2] + acc[3] + tail) / plane.len() as f64)
+    T::of(sum(plane) / plane.len() as f64)
 }
 
 /// `out[p] = mean(x[p*hw .. (p+1)*hw])` for every plane `p` (`x.len() == planes*hw`).
@@ -47,19 +37,44 @@ pub fn global_avg_pool<T: Float>(x: &[T], hw: usize) -> Vec<T> {
     out
 }
 
-/// Dot product of two equal-length slices, accumulated in f64.
+/// Elements per block of [`dot`] and [`plane_mean`]: summed in `T` across 8 lanes
+/// (which vectorises), then added to an f64 total, so the rounding of a float32
+/// partial sum is that of 8 elements, not of the whole plane.
+const BLOCK: usize = 64;
+
+/// Dot product of two equal-length slices: 8-lane blocks in `T`, totals in f64.
 #[inline]
 pub fn dot<T: Float>(a: &[T], b: &[T]) -> f64 {
-    let mut acc = [0.0f64; 4];
-    let mut ca = a.chunks_exact(4);
-    let mut cb = b.chunks_exact(4);
-    for (x, y) in (&mut ca).zip(&mut cb) {
-        for i in 0..4 {
-            acc[i] += x[i].as_f64() * y[i].as_f64();
+    let mut total = 0.0f64;
+    let mut ba = a.chunks_exact(BLOCK);
+    let mut bb = b.chunks_exact(BLOCK);
+    for (x, y) in (&mut ba).zip(&mut bb) {
+        let mut lanes = [T::zero(); 8];
+        for (xs, ys) in x.chunks_exact(8).zip(y.chunks_exact(8)) {
+            for i in 0..8 {
+                lanes[i] = lanes[i] + xs[i] * ys[i];
+            }
         }
+        total += lanes.iter().map(|v| v.as_f64()).sum::<f64>();
     }
-    let tail: f64 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x.as_f64() * y.as_f64()).sum();
-    acc[0] + acc[1] + acc[2] + acc[3] + tail
+    total + ba.remainder().iter().zip(bb.remainder()).map(|(x, y)| x.as_f64() * y.as_f64()).sum::<f64>()
+}
+
+/// Sum of a slice: 8-lane blocks in `T`, totals in f64.
+#[inline]
+pub fn sum<T: Float>(a: &[T]) -> f64 {
+    let mut total = 0.0f64;
+    let mut blocks = a.chunks_exact(BLOCK);
+    for x in &mut blocks {
+        let mut lanes = [T::zero(); 8];
+        for xs in x.chunks_exact(8) {
+            for i in 0..8 {
+                lanes[i] = lanes[i] + xs[i];
+            }
+        }
+        total += lanes.iter().map(|v| v.as_f64()).sum::<f64>();
+    }
+    total + blocks.remainder().iter().map(|v| v.as_f64()).sum::<f64>()
 }
 
 /// `out[p] = Σ_hw a[p, hw] · b[p, hw]` for every plane `p`: one pass over both maps.
