@@ -1,5 +1,6 @@
 """DistributedDataParallel (gloo, 2 processes on this machine): a model with cnnboost
-modules trains to the same parameters as one process on the whole batch."""
+modules trains to the same parameters as one process on the whole batch — with
+FFC, and with AB and SSM when their batch statistics are synchronised."""
 
 import os
 import tempfile
@@ -15,9 +16,11 @@ import cnnboost
 WORLD = 2
 
 
-def make_model():
+def make_model(kind):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), cnnboost.FFC(8, 5))
+    if kind == "ffc":
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), cnnboost.FFC(8, 5))
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), cnnboost.AB(8), nn.ReLU(), cnnboost.SSM(8, 5, num_heads=2))
 
 
 def data():
@@ -33,24 +36,50 @@ def train(model, x, y, steps=3):
         opt.step()
 
 
-def _worker(rank, init_file, out_dir):
+def _worker(rank, init_file, out_dir, kind, sync):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     cnnboost.set_num_threads(1)
-    model = nn.parallel.DistributedDataParallel(make_model())
+    model = make_model(kind)
+    if sync:
+        cnnboost.convert_sync_batchnorm(model)
+    model = nn.parallel.DistributedDataParallel(model)
     x, y = data()
     shard = slice(rank * 4, (rank + 1) * 4)
     train(model, x[shard], y[shard])
     if rank == 0:
         torch.save(model.module.state_dict(), os.path.join(out_dir, "ddp.pt"))
+    dist.barrier()  # both ranks done before either tears gloo down
     dist.destroy_process_group()
 
 
-def test_ddp_matches_single_process():
+def ddp_state(kind, sync):
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(os.path.join(d, "init"), d), nprocs=WORLD, join=True)
-        ddp_state = torch.load(os.path.join(d, "ddp.pt"))
-    single = make_model()
+        mp.spawn(_worker, args=(os.path.join(d, "init"), d, kind, sync), nprocs=WORLD, join=True)
+        return torch.load(os.path.join(d, "ddp.pt"))
+
+
+def single_state(kind):
+    single = make_model(kind)
     train(single, *data())
-    for k, v in single.state_dict().items():
-        torch.testing.assert_close(ddp_state[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    return single.state_dict()
+
+
+@pytest.mark.parametrize("kind, sync", [("ffc", False), ("ab+ssm", True)])
+def test_ddp_matches_single_process(kind, sync):
+    got, want = ddp_state(kind, sync), single_state(kind)
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_without_sync_batch_statistics_are_per_process():
+    got, want = ddp_state("ab+ssm", False), single_state("ab+ssm")
+    assert not torch.allclose(got["1.bn.running_var"], want["1.bn.running_var"], rtol=1e-5, atol=1e-6)
+
+
+def test_sync_bn_is_inert_without_torch_distributed():
+    m = cnnboost.convert_sync_batchnorm(make_model("ab+ssm"))
+    assert m[1].sync_bn and m[3].sync_bn
+    plain = make_model("ab+ssm")
+    x, y = data()
+    torch.testing.assert_close(m(x), plain(x))

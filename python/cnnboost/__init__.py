@@ -36,9 +36,10 @@ __version__ = _core.__version__
 
 # The torch modules import torch; load them on first use so that a NumPy-only user
 # can `import cnnboost` and call `cnnboost._core` without torch installed.
-_TORCH_MODULES = {"AB": "ab", "AFI": "afi", "FFC": "ffc", "SSM": "ssm", "reference": None, "models": None}
+_TORCH_MODULES = {"AB": "ab", "AFI": "afi", "FFC": "ffc", "SSM": "ssm", "reference": None, "models": None,
+                  "convert_sync_batchnorm": "distributed"}
 
-__all__ = ["AB", "AFI", "FFC", "SSM", "reference", "models", "get_num_threads", "set_num_threads", "__version__"]
+__all__ = ["AB", "AFI", "FFC", "SSM", "reference", "models", "convert_sync_batchnorm", "get_num_threads", "set_num_threads", "__version__"]
 
 
 def __getattr__(name: str):

@@ -121,3 +121,27 @@ def update_running_stats(bn: torch.nn.modules.batchnorm._BatchNorm, mean: torch.
             factor = bn.momentum
         bn.running_mean.mul_(1 - factor).add_(mean * factor)
         bn.running_var.mul_(1 - factor).add_(var * factor)
+
+
+def sync_active(sync_bn: bool, training: bool, process_group) -> bool:
+    """Whether batch statistics must be reduced across processes: asked for, in
+    training, and torch.distributed runs with more than one process in the group."""
+    if not (sync_bn and training):
+        return False
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
+
+
+def synced_batch_norm(t: torch.Tensor, bn: torch.nn.modules.batchnorm._BatchNorm, process_group) -> torch.Tensor:
+    """Training-mode BatchNorm of ``t`` ``[N, C]`` with the batch statistics of every
+    process in the group, as torch's SyncBatchNorm computes them (which runs on GPUs
+    only), through differentiable all-reduces; then the running update from them."""
+    from torch.distributed.nn.functional import all_reduce
+
+    count = all_reduce(t.new_tensor([float(t.shape[0])]), group=process_group)
+    mean = all_reduce(t.sum(0), group=process_group) / count
+    var = all_reduce((t - mean).square().sum(0), group=process_group) / count
+    out = (t - mean) * torch.rsqrt(var + bn.eps) * bn.weight + bn.bias
+    update_running_stats(bn, mean.detach(), (var * count / (count - 1)).detach())
+    return out

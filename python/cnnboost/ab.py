@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _core
-from ._torch import autocast_input, check_eps, check_int, check_momentum, check_tensor, from_numpy, to_numpy, update_running_stats
+from ._torch import autocast_input, check_bool, check_eps, check_int, check_momentum, sync_active, synced_batch_norm, check_tensor, from_numpy, to_numpy, update_running_stats
 
 __all__ = ["AB"]
 
@@ -124,6 +124,9 @@ class AB(nn.Module):
     unbiased variance; ``momentum=None`` is a cumulative average) in training, the
     running statistics in eval. A call that raises changes no parameter, buffer or
     counter (torch bumps ``num_batches_tracked`` before it rejects a batch of one).
+    ``sync_bn=True`` (or :func:`cnnboost.convert_sync_batchnorm`) reduces the batch
+    statistics across the processes of ``process_group`` under torch.distributed,
+    like torch's SyncBatchNorm (which runs on GPUs only); that path runs in torch ops.
 
     Submodules ``conv`` (``nn.Conv2d(C, C, 1, groups)``) and ``bn``
     (``nn.BatchNorm2d(C)``) hold the parameters, so the state_dict keys are
@@ -136,8 +139,11 @@ class AB(nn.Module):
     """
 
     def __init__(self, channels: int, groups: Optional[int] = None, bias: bool = False, eps: float = 1e-5,
-                 momentum: Optional[float] = 0.1, device=None, dtype=None) -> None:
+                 momentum: Optional[float] = 0.1, sync_bn: bool = False, process_group=None,
+                 device=None, dtype=None) -> None:
         super().__init__()
+        self.sync_bn = check_bool("sync_bn", sync_bn)
+        self.process_group = process_group
         self.channels = check_int("channels", channels, minimum=1)
         g = channels if groups is None else check_int("groups", groups, minimum=1)
         if channels % g:
@@ -159,6 +165,12 @@ class AB(nn.Module):
         if self.training and x.shape[0] < 2:
             raise ValueError(f"x: expected more than 1 sample in training (batch statistics), got shape {tuple(x.shape)}")
         bn = self.bn
+        if sync_active(self.sync_bn, self.training, self.process_group):
+            # Batch statistics over every process: the small [N, C] part in torch ops
+            # around differentiable all-reduces, the map scaled by torch too.
+            t = self.conv(x.mean((2, 3), keepdim=True)).flatten(1)
+            gate = torch.sigmoid(synced_batch_norm(t, bn, self.process_group))
+            return x * gate[:, :, None, None]
         out, _, mean, _, var = ab_forward(x, self.conv.weight, self.conv.bias, bn.weight, bn.bias,
                                           bn.running_mean, bn.running_var, self.groups, bn.eps, self.training)
         if self.training:

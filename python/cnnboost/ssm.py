@@ -25,6 +25,8 @@ from ._torch import (
     check_momentum,
     check_tensor,
     from_numpy,
+    sync_active,
+    synced_batch_norm,
     to_numpy,
     update_running_stats,
 )
@@ -209,6 +211,10 @@ class SSM(nn.Module):
     * float32 or float64 like the parameters; under ``torch.autocast`` a
       float16/bfloat16 input is computed in the parameters' dtype (as autocast does
       for normalisation layers); outside autocast it raises a TypeError.
+    * ``sync_bn=True`` (or :func:`cnnboost.convert_sync_batchnorm`) reduces each
+      head's batch statistics across the processes of ``process_group`` under
+      torch.distributed, like torch's SyncBatchNorm (GPU-only in torch); that path
+      runs in torch ops.
 
     Example::
 
@@ -226,10 +232,14 @@ class SSM(nn.Module):
         outputs: str = "ensemble",
         eps: float = 1e-5,
         momentum: float | None = 0.1,
+        sync_bn: bool = False,
+        process_group=None,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
+        self.sync_bn = check_bool("sync_bn", sync_bn)
+        self.process_group = process_group
         self.in_features = check_int("in_features", in_features, minimum=1)
         self.num_classes = check_int("num_classes", num_classes, minimum=1)
         self.num_heads = check_int("num_heads", num_heads, minimum=1)
@@ -263,6 +273,8 @@ class SSM(nn.Module):
                 "x: expected more than 1 value per channel when training (a batch of at least 2 "
                 f"for the batch norms), got input size {tuple(x.shape)}"
             )
+        if sync_active(self.sync_bn, self.training, self.process_group) and len(self.bns) > 0:
+            return self._forward_synced(x)
         out, mean, _, var, _ = ssm_forward(
             x,
             [fc.weight for fc in self.fcs],
@@ -281,6 +293,20 @@ class SSM(nn.Module):
             for bn, m, v in zip(self.bns, mean.split(widths), var.split(widths)):
                 update_running_stats(bn, m, v)
         return out
+
+    def _forward_synced(self, x: Tensor) -> Tensor:
+        """Training with batch statistics over every process (``sync_bn``), in torch
+        ops around differentiable all-reduces."""
+        if x.dim() == 4:
+            x = x.mean((2, 3))
+        logits = []
+        for i, fc in enumerate(self.fcs):
+            p = x[:, : fc.in_features]
+            if i < len(self.bns):
+                p = torch.relu(synced_batch_norm(p, self.bns[i], self.process_group))
+            logits.append(fc(p))
+        stacked = torch.stack(logits)
+        return stacked if self.outputs == "all" else stacked.mean(0)
 
     def extra_repr(self) -> str:
         return (
