@@ -3,18 +3,11 @@
 use cnnboost::kernels::ab::{self, Config, Params, Running};
 use divan::Bencher;
 
+mod common;
+use common::data;
+
 fn main() {
     divan::main();
-}
-
-fn data(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    (0..len)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        })
-        .collect()
 }
 
 /// (N, C, H·W, groups): AB on ResNet stage 1 and 4, AB-Plus on stage 2.

@@ -5,6 +5,9 @@ use cnnboost::kernels::ffc::{self, Combine, Config, Dims, Outputs, Params};
 use cnnboost::kernels::gemm::{matmul_new, Mat};
 use divan::Bencher;
 
+mod common;
+use common::data;
+
 fn main() {
     divan::main();
 }
@@ -12,16 +15,6 @@ fn main() {
 const N: usize = 256;
 const C: usize = 2048;
 const K: usize = 1000;
-
-fn data(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    (0..len)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        })
-        .collect()
-}
 
 struct Setup {
     cfg: Config,

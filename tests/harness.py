@@ -110,3 +110,21 @@ def deepcopy_equal(module: nn.Module):
     for (k, a), (_, b) in zip(module.state_dict().items(), clone.state_dict().items()):
         assert torch.equal(a, b), k
     return clone
+
+
+LAYOUTS_2D_4D = ["transposed", "sliced", "channels_last", "expanded"]
+
+
+def non_contiguous_features(layout: str, n: int = 7, c: int = 12, dtype=torch.float64) -> torch.Tensor:
+    """A non-contiguous `[n, c]` or `[n, c, H, W]` input (a leaf requiring grad when
+    it is one) in one of LAYOUTS_2D_4D, for the classifier heads."""
+    if layout == "transposed":
+        x = torch.randn(c, n, dtype=dtype).t()
+    elif layout == "sliced":
+        x = torch.randn(n, 2 * c + 6, dtype=dtype)[:, 3:3 + 2 * c:2]
+    elif layout == "channels_last":
+        x = torch.randn(n, c, 3, 4, dtype=dtype).to(memory_format=torch.channels_last)
+    else:
+        x = torch.randn(n, c, 1, 1, dtype=dtype).expand(n, c, 3, 3)
+    assert not x.is_contiguous()
+    return x.requires_grad_() if x.is_leaf else x

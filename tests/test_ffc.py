@@ -10,7 +10,7 @@ import torch
 
 import cnnboost
 from cnnboost import _core, reference
-from harness import assert_close, assert_unchanged, compare, state_of, twins
+from harness import non_contiguous_features, assert_close, assert_unchanged, compare, state_of, twins
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -117,19 +117,7 @@ def test_gradcheck(outputs, spatial, combine):
 def test_non_contiguous_inputs(layout):
     fast, ref = twins(cnnboost.FFC, reference.FFC, 12, 5, 3, dtype=torch.float64)
 
-    def make():
-        if layout == "transposed":
-            x = torch.randn(12, 7, dtype=torch.float64).t()
-        elif layout == "sliced":
-            x = torch.randn(7, 30, dtype=torch.float64)[:, 3:27:2]
-        elif layout == "channels_last":
-            x = torch.randn(7, 12, 3, 4, dtype=torch.float64).to(memory_format=torch.channels_last)
-        else:
-            x = torch.randn(7, 12, 1, 1, dtype=torch.float64).expand(7, 12, 3, 3)
-        assert not x.is_contiguous()
-        return [x.requires_grad_() if x.is_leaf else x]
-
-    compare(fast, ref, make, train=True)
+    compare(fast, ref, lambda: [non_contiguous_features(layout)], train=True)
 
 
 def test_state_dict_uses_the_authors_layout():
