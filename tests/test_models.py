@@ -71,3 +71,89 @@ def test_insert_ab_plus_and_bad_model():
     assert all(m.groups == 1 for m in model.modules() if isinstance(m, cnnboost.AB))
     with pytest.raises(ValueError, match="model"):
         models.insert_ab(nn.Sequential(nn.Linear(2, 2)))
+
+
+def _afis(model):
+    return [m for m in model.modules() if isinstance(m, cnnboost.AFI)]
+
+
+def test_afi_resnet20_has_an_afi_in_blocks_2_and_3_of_each_stage():
+    model = models.afi_resnet(20)
+    stages = [model.layer1, model.layer2, model.layer3]
+    assert [len(s.blocks) for s in stages] == [3, 3, 3]
+    for stage, width in zip(stages, (16, 32, 64)):
+        first, *rest = stage.blocks
+        assert first.afi is None and first.conv1.out_channels == width
+        for block in rest:
+            assert (block.afi.channels, block.afi.reduction) == (width // 2, 4)
+            assert block.conv1.out_channels == width // 2
+            assert (block.conv2.in_channels, block.conv2.out_channels) == (width, width)
+    assert len(_afis(model)) == 6
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    params = sum(p.numel() for p in model.parameters())
+    assert 1e5 < params < 3e5  # a ResNet-20 has 0.27M
+    # The paper's Table 4: AFI-ResNet-32 on CIFAR-100 has 378.23K parameters.
+    assert sum(p.numel() for p in models.afi_resnet(32, num_classes=100).parameters()) == 378_228
+
+
+def test_afi_resnet_block_i_fuses_the_i_minus_1_earlier_first_conv_outputs():
+    model = models.afi_resnet(26)  # 4 blocks per stage
+    seen = {}
+
+    def hook(module, args):
+        seen[module] = [tuple(x.shape) for x in args[0]]
+
+    for afi in _afis(model):
+        afi.register_forward_pre_hook(hook)
+    model(torch.randn(2, 3, 32, 32))
+    for stage, (width, side) in zip([model.layer1, model.layer2, model.layer3], [(16, 32), (32, 16), (64, 8)]):
+        for i, block in enumerate(stage.blocks[1:], 2):
+            assert seen[block.afi] == [(2, width // 2, side, side)] * (i - 1)
+
+
+def test_afi_resnet_forward_backward_and_eval():
+    model = models.afi_resnet(20, num_classes=7)
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x)
+    assert out.shape == (2, 7)
+    nn.functional.cross_entropy(out, torch.tensor([1, 5])).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert model.layer1.blocks[2].afi.fc1.weight.grad.abs().sum() > 0  # fuses two maps: a live scorer
+    assert model.layer1.blocks[0].conv1.weight.grad.abs().sum() > 0  # X_1 feeds the later blocks
+    model.eval()
+    with torch.no_grad():
+        y = model(x)
+        assert y.shape == (2, 7) and torch.isfinite(y).all()
+        assert torch.equal(model(x), y)
+        torch.testing.assert_close(model(x[1:]), y[1:])  # running statistics: no batch coupling
+
+
+def test_afi_resnet_rejects_bad_arguments():
+    for depth in (7, 21, 0, -4):
+        with pytest.raises(ValueError, match="depth"):
+            models.afi_resnet(depth)
+    for depth in (20.0, "20", True):
+        with pytest.raises(TypeError, match="depth"):
+            models.afi_resnet(depth)
+    with pytest.raises(ValueError, match="num_classes"):
+        models.afi_resnet(20, num_classes=0)
+    for reduction in (0, 9):
+        with pytest.raises(ValueError, match="reduction"):
+            models.afi_resnet(20, reduction=reduction)
+    assert len(_afis(models.afi_resnet(8))) == 0  # n = 1: nothing to fuse
+    assert _afis(models.afi_resnet(14, reduction=8))[0].fc1.out_features == 1
+
+
+def test_afi_resnet_sgd_steps_reduce_the_loss_on_a_fixed_batch():
+    model = models.afi_resnet(20, num_classes=4)
+    x = torch.randn(8, 3, 16, 16)
+    target = torch.arange(8) % 4
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(12):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses

@@ -70,6 +70,93 @@ def test_ffc_agrees_with_reference(case):
     compare(fast, ref, make, train=case["train"])
 
 
+@st.composite
+def ssm_cases(draw):
+    g = draw(st.integers(1, 4))
+    return dict(
+        n=draw(st.integers(2, 10)), g=g, c=g * draw(st.integers(1, 8)), k=draw(st.integers(1, 12)),
+        norm_last_head=draw(st.booleans()), outputs=draw(st.sampled_from(["ensemble", "all"])),
+        spatial=draw(st.sampled_from([(), (1, 1), (3, 2)])), train=draw(st.booleans()), dtype=draw(dtypes),
+        layout=draw(layouts), seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@SETTINGS
+@given(ssm_cases())
+def test_ssm_agrees_with_reference(case):
+    torch.manual_seed(case["seed"])
+    fast, ref = twins(cnnboost.SSM, reference.SSM, case["c"], case["k"], case["g"],
+                      norm_last_head=case["norm_last_head"], outputs=case["outputs"], dtype=case["dtype"],
+                      seed=case["seed"])
+    shape = (case["n"], case["c"]) + case["spatial"]
+
+    def make():
+        x = laid_out(shape, case["dtype"], case["layout"], case["seed"])
+        return [x.requires_grad_() if x.is_leaf else x]
+
+    compare(fast, ref, make, train=case["train"])
+
+
+@st.composite
+def ab_cases(draw):
+    c = draw(st.sampled_from([1, 2, 3, 4, 6, 8, 12]))
+    return dict(
+        n=draw(st.integers(2, 6)), c=c, h=draw(st.integers(1, 5)), w=draw(st.integers(1, 5)),
+        groups=draw(st.sampled_from([None] + [d for d in range(1, c + 1) if c % d == 0])),
+        bias=draw(st.booleans()), train=draw(st.booleans()), dtype=draw(dtypes),
+        layout=draw(layouts), seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@SETTINGS
+@given(ab_cases())
+def test_ab_agrees_with_reference(case):
+    torch.manual_seed(case["seed"])
+    fast, ref = twins(cnnboost.AB, reference.AB, case["c"], groups=case["groups"], bias=case["bias"],
+                      dtype=case["dtype"], seed=case["seed"])
+    shape = (case["n"], case["c"], case["h"], case["w"])
+
+    def make():
+        x = laid_out(shape, case["dtype"], case["layout"], case["seed"])
+        return [x.requires_grad_() if x.is_leaf else x]
+
+    compare(fast, ref, make, train=case["train"], zero_grads=("conv.bias",) if case["train"] else ())
+
+
+@st.composite
+def afi_cases(draw):
+    c = draw(st.integers(1, 16))
+    return dict(
+        m=draw(st.integers(1, 4)), n=draw(st.integers(1, 5)), c=c, h=draw(st.integers(1, 5)),
+        w=draw(st.integers(1, 5)), reduction=draw(st.integers(1, c)), bias=draw(st.booleans()),
+        dtype=draw(dtypes), layouts=draw(st.lists(layouts, min_size=4, max_size=4)),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@SETTINGS
+@given(afi_cases())
+def test_afi_agrees_with_reference(case):
+    torch.manual_seed(case["seed"])
+    fast, ref = twins(cnnboost.AFI, reference.AFI, case["c"], reduction=case["reduction"], bias=case["bias"],
+                      dtype=case["dtype"], seed=case["seed"])
+    shape = (case["n"], case["c"], case["h"], case["w"])
+
+    def make():
+        xs = [laid_out(shape, case["dtype"], case["layouts"][i], case["seed"] + i) for i in range(case["m"])]
+        return [[x.requires_grad_() if x.is_leaf else x for x in xs]]
+
+    out, _ = compare(fast, ref, make, train=True, call=lambda m, ins: m(ins[0]), backward=False)
+    xs = make()[0]
+    xr = [x.detach().clone().requires_grad_() for x in xs]
+    w = torch.randn(out.shape, dtype=case["dtype"])
+    (fast(xs) * w).sum().backward()
+    (ref(xr) * w).sum().backward()
+    for i, (a, b) in enumerate(zip(xs, xr)):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4 if case["dtype"] == torch.float32 else 1e-9,
+                                   atol=1e-5 if case["dtype"] == torch.float32 else 1e-10, msg=f"xs[{i}]")
+
+
 BAD_FFC_INPUTS = [
     ("x", lambda: torch.randn(3)),                         # rank 1
     ("x", lambda: torch.randn(2, 8, 3)),                   # rank 3

@@ -49,3 +49,30 @@ def test_sgd_steps_match_the_reference_twin(head):
     fast.eval(), ref.eval()
     x = torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64)
     torch.testing.assert_close(fast(x), ref(x))
+
+
+@pytest.mark.parametrize("head", ["ssm", "ffc"])
+def test_a_model_of_every_module_compiles_whole(head):
+    """torch.compile(fullgraph=True): no graph break anywhere, and the eager numbers."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = Net(cnnboost, head)
+    twin = Net(cnnboost, head)
+    twin.load_state_dict(eager.state_dict())
+    compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
+    g = torch.Generator().manual_seed(2)
+    for step in range(2):
+        x = torch.randn(6, 3, 5, 5, generator=g, requires_grad=True)
+        y = torch.randint(0, 5, (6,), generator=g)
+        le = nn.functional.cross_entropy(eager(x), y)
+        lc = nn.functional.cross_entropy(compiled(x), y)
+        torch.testing.assert_close(lc, le, msg=f"loss at step {step}")
+        le.backward()
+        lc.backward()
+    for (k, a), (_, b) in zip(eager.named_parameters(), twin.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=k)
+    for (k, a), (_, b) in zip(eager.named_buffers(), twin.named_buffers()):
+        torch.testing.assert_close(b, a, msg=k)
+    eager.eval(), twin.eval()
+    x = torch.randn(4, 3, 5, 5, generator=g)
+    torch.testing.assert_close(compiled(x), eager(x))
