@@ -1,8 +1,10 @@
 """The main job: train a small CNN on scikit-learn's bundled digits (1,797 8×8
-images, no download) with a plain Linear head and with each cnnboost module, and
-print accuracy and time per epoch for each.
+images, no download) with a plain Linear head and with each cnnboost module, print
+accuracy and time per epoch for each, and plot the learning curves.
 
     python -m cnnboost.demo [--epochs 15] [--seed 0] [--variants baseline,ffc]
+    python -m cnnboost.demo --data ~/cifar-10-batches-py      # CIFAR-10 (python version)
+    python -m cnnboost.demo --data ~/my_images                # an ImageFolder tree (torchvision)
 """
 
 from __future__ import annotations
@@ -31,6 +33,46 @@ def load_digits(seed: int):
     return x[:cut], y[:cut], x[cut:], y[cut:]
 
 
+def load_folder(path: str, seed: int, size: int = 32):
+    """A user's data set, split 80/20 like the digits: the CIFAR-10 python version
+    (a folder with data_batch_1..5 and test_batch) or an ImageFolder tree (one
+    sub-folder of images per class; needs torchvision), images resized to
+    size×size, as float32 in [0, 1]."""
+    import os
+    import pickle
+
+    import numpy as np
+
+    if os.path.exists(os.path.join(path, "data_batch_1")):
+        xs, ys = [], []
+        for name in sorted(f for f in os.listdir(path) if f.startswith(("data_batch_", "test_batch"))):
+            with open(os.path.join(path, name), "rb") as f:
+                batch = pickle.load(f, encoding="bytes")
+            xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.extend(batch[b"labels"])
+        x = torch.from_numpy(np.concatenate(xs)).float() / 255.0
+        y = torch.tensor(ys, dtype=torch.long)
+    elif os.path.isdir(path):
+        try:
+            from torchvision import datasets, transforms
+        except ImportError as e:
+            raise SystemExit(f"--data: reading an ImageFolder needs torchvision (pip install torchvision): {e}")
+        tf = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor()])
+        ds = datasets.ImageFolder(path, transform=tf)
+        if len(ds) < 2:
+            raise SystemExit(f"--data: expected an ImageFolder with images, found {len(ds)} in {path}")
+        x = torch.stack([ds[i][0] for i in range(len(ds))])
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        y = torch.tensor(ds.targets, dtype=torch.long)
+    else:
+        raise SystemExit(f"--data: expected a CIFAR-10 or ImageFolder directory, got {path!r}")
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    x, y = x[perm], y[perm]
+    cut = int(0.8 * len(x))
+    return x[:cut], y[:cut], x[cut:], y[cut:]
+
+
 def conv_bn(cin: int, cout: int, booster: bool = False) -> nn.Sequential:
     """conv 3×3 → BN (→ AB) → ReLU: AB recalibrates the normalised block output."""
     layers = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout)]
@@ -45,9 +87,9 @@ class SmallCNN(nn.Module):
     block; `fuse=True` feeds the pool with AFI's fusion of the three block outputs
     instead of the last one."""
 
-    def __init__(self, head: nn.Module, booster: bool = False, fuse: bool = False):
+    def __init__(self, head: nn.Module, booster: bool = False, fuse: bool = False, in_channels: int = 1):
         super().__init__()
-        self.stem = conv_bn(1, 32, booster)
+        self.stem = conv_bn(in_channels, 32, booster)
         self.blocks = nn.ModuleList(conv_bn(32, 32, booster) for _ in range(3))
         self.fuse = cnnboost.AFI(32) if fuse else None
         self.tail = nn.Sequential(nn.MaxPool2d(2), conv_bn(32, 128, booster))
@@ -72,14 +114,20 @@ class LinearHead(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-VARIANTS: Dict[str, Callable[[], nn.Module]] = {
-    "baseline": lambda: SmallCNN(LinearHead(128, 10)),
-    "ffc": lambda: SmallCNN(cnnboost.FFC(128, 10)),
-    "ssm": lambda: SmallCNN(cnnboost.SSM(128, 10)),
-    "ab": lambda: SmallCNN(LinearHead(128, 10), booster=True),
-    "afi": lambda: SmallCNN(LinearHead(128, 10), fuse=True),
-    "all": lambda: SmallCNN(cnnboost.FFC(128, 10), booster=True, fuse=True),
-}
+def variants(in_channels: int = 1, classes: int = 10) -> Dict[str, Callable[[], nn.Module]]:
+    """The models compared, by name: a plain Linear head, each module, all of them."""
+    c, k = in_channels, classes
+    return {
+        "baseline": lambda: SmallCNN(LinearHead(128, k), in_channels=c),
+        "ffc": lambda: SmallCNN(cnnboost.FFC(128, k), in_channels=c),
+        "ssm": lambda: SmallCNN(cnnboost.SSM(128, k), in_channels=c),
+        "ab": lambda: SmallCNN(LinearHead(128, k), booster=True, in_channels=c),
+        "afi": lambda: SmallCNN(LinearHead(128, k), fuse=True, in_channels=c),
+        "all": lambda: SmallCNN(cnnboost.FFC(128, k), booster=True, fuse=True, in_channels=c),
+    }
+
+
+VARIANTS = variants()
 
 
 def run(name: str, make: Callable[[], nn.Module], data, epochs: int, seed: int, batch: int = 64):
@@ -150,19 +198,23 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
     parser.add_argument("--plot", default="cnnboost_demo.png", help="PNG of the learning curves ('' for none)")
+    parser.add_argument("--data", default=None,
+                        help="a CIFAR-10 (python version) or ImageFolder directory instead of the digits")
     args = parser.parse_args(argv)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in names:
         if v not in VARIANTS:
             parser.error(f"--variants: unknown variant {v!r}; expected some of {', '.join(VARIANTS)}")
     cnnboost.set_num_threads(torch.get_num_threads())
-    data = load_digits(args.seed)
-    print(f"digits: {len(data[0])} train / {len(data[2])} test images, {args.epochs} epochs, "
+    data = load_folder(args.data, args.seed) if args.data else load_digits(args.seed)
+    models = variants(data[0].shape[1], int(max(data[1].max(), data[3].max())) + 1)
+    print(f"{args.data or 'digits'}: {len(data[0])} train / {len(data[2])} test images "
+          f"{tuple(data[0].shape[1:])}, {args.epochs} epochs, "
           f"{torch.get_num_threads()} threads, cnnboost {cnnboost.__version__}")
     print(f"{'variant':<10} {'test acc':>9} {'s/epoch':>9}")
     curves = {}
     for v in names:
-        acc, sec, curves[v] = run(v, VARIANTS[v], data, args.epochs, args.seed)
+        acc, sec, curves[v] = run(v, models[v], data, args.epochs, args.seed)
         print(f"{v:<10} {acc:>9.4f} {sec:>9.3f}")
     if args.plot:
         if plot(curves, args.plot):
