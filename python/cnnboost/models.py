@@ -206,9 +206,14 @@ def afi_resnet(depth: int, num_classes: int = 10, reduction: int = 4) -> AFIResN
       serve as X_1. In block 2 the AFI sees one map, so R = X_1 exactly (the softmax
       over one map is 1) and that AFI's scorer gets no gradient; it is kept so the
       parameter count matches the paper's.
+    * As in an SE block, the scorer reads the GAP of features >= 0 (post-ReLU), so
+      some of its hidden units (all, now and then, of a 2-unit first-stage scorer)
+      start with the ReLU off; R is then the plain mean of the maps until training
+      moves the features. Torch's default ``nn.Linear`` init is kept for the scorer.
     * Shortcuts: identity, or 1x1 conv + BN where the stride or width changes (with
       these, ``afi_resnet(32, 100)`` has 378,228 parameters and the plain ResNet-32
-      472,756: the paper's Table 4 gives 378.23K and 472.76K).
+      472,756: the paper's Table 4 gives 378.23K and 472.76K; ``afi_resnet(110, 100)``
+      has 1,334,820 where the paper says 1.35M).
     * The features that are fused and concatenated are taken after BN and ReLU; convs
       get Kaiming-normal (fan-out) initialisation, everything else torch's default.
 
