@@ -37,44 +37,41 @@ pub fn global_avg_pool<T: Float>(x: &[T], hw: usize) -> Vec<T> {
     out
 }
 
-/// Elements per block of [`dot`] and [`plane_mean`]: summed in `T` across 8 lanes
-/// (which vectorises), then added to an f64 total, so the rounding of a float32
-/// partial sum is that of 8 elements, not of the whole plane.
-const BLOCK: usize = 64;
+/// Chunks of 8 summed in `T` lanes (which vectorises) before the lanes are added to
+/// an f64 total, so a float32 partial sum rounds like a sum of at most 64 elements,
+/// not like one of the whole plane.
+const CHUNKS_PER_FLUSH: usize = 8;
 
-/// Dot product of two equal-length slices: 8-lane blocks in `T`, totals in f64.
-#[inline]
-pub fn dot<T: Float>(a: &[T], b: &[T]) -> f64 {
+/// `Σ f(a[i], b[i])` over 8-lane chunks in `T`, totals in f64; the tail in f64.
+#[inline(always)]
+fn lane_sum<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> f64 {
     let mut total = 0.0f64;
-    let mut ba = a.chunks_exact(BLOCK);
-    let mut bb = b.chunks_exact(BLOCK);
-    for (x, y) in (&mut ba).zip(&mut bb) {
-        let mut lanes = [T::zero(); 8];
-        for (xs, ys) in x.chunks_exact(8).zip(y.chunks_exact(8)) {
-            for i in 0..8 {
-                lanes[i] = lanes[i] + xs[i] * ys[i];
-            }
+    let mut lanes = [T::zero(); 8];
+    let mut ca = a.chunks_exact(8);
+    let mut cb = b.chunks_exact(8);
+    for (k, (xs, ys)) in (&mut ca).zip(&mut cb).enumerate() {
+        for i in 0..8 {
+            lanes[i] = lanes[i] + f(xs[i], ys[i]);
         }
-        total += lanes.iter().map(|v| v.as_f64()).sum::<f64>();
+        if k % CHUNKS_PER_FLUSH == CHUNKS_PER_FLUSH - 1 {
+            total += lanes.iter().map(|v| v.as_f64()).sum::<f64>();
+            lanes = [T::zero(); 8];
+        }
     }
-    total + ba.remainder().iter().zip(bb.remainder()).map(|(x, y)| x.as_f64() * y.as_f64()).sum::<f64>()
+    total += lanes.iter().map(|v| v.as_f64()).sum::<f64>();
+    total + ca.remainder().iter().zip(cb.remainder()).map(|(&x, &y)| f(x, y).as_f64()).sum::<f64>()
 }
 
-/// Sum of a slice: 8-lane blocks in `T`, totals in f64.
+/// Dot product of two equal-length slices (see [`lane_sum`] for the accumulation).
+#[inline]
+pub fn dot<T: Float>(a: &[T], b: &[T]) -> f64 {
+    lane_sum(a, b, |x, y| x * y)
+}
+
+/// Sum of a slice (see [`lane_sum`] for the accumulation).
 #[inline]
 pub fn sum<T: Float>(a: &[T]) -> f64 {
-    let mut total = 0.0f64;
-    let mut blocks = a.chunks_exact(BLOCK);
-    for x in &mut blocks {
-        let mut lanes = [T::zero(); 8];
-        for xs in x.chunks_exact(8) {
-            for i in 0..8 {
-                lanes[i] = lanes[i] + xs[i];
-            }
-        }
-        total += lanes.iter().map(|v| v.as_f64()).sum::<f64>();
-    }
-    total + blocks.remainder().iter().map(|v| v.as_f64()).sum::<f64>()
+    lane_sum(a, a, |x, _| x)
 }
 
 /// `out[p] = Σ_hw a[p, hw] · b[p, hw]` for every plane `p`: one pass over both maps.
