@@ -10,5 +10,12 @@
 
 pub mod kernels;
 
+/// mimalloc keeps freed memory for reuse instead of returning it to the OS at once:
+/// the kernels' large outputs (AB/AFI maps of ~100 MB, FFC/SSM weight gradients)
+/// are allocated every step, and on a fresh mapping every page is a first-touch
+/// fault, which on a VM costs more than the arithmetic.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[cfg(feature = "python")]
 mod bindings;
