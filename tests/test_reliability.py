@@ -31,17 +31,28 @@ def test_set_num_threads():
         cnnboost.set_num_threads(before)
 
 
-def test_many_python_threads_share_one_module():
-    m = cnnboost.FFC(64, 10)
-    xs = [torch.randn(16, 64, dtype=torch.float32, generator=torch.Generator().manual_seed(i)) for i in range(8)]
-    expected = [m(x).detach() for x in xs]
+# Each module with an input maker: (module factory, input for seed i, how to call).
+MODULES = {
+    "ffc": (lambda: cnnboost.FFC(64, 10), lambda g: torch.randn(16, 64, 2, 2, generator=g), lambda m, x: m(x)),
+    "ssm": (lambda: cnnboost.SSM(64, 10), lambda g: torch.randn(16, 64, generator=g), lambda m, x: m(x)),
+    "ab": (lambda: cnnboost.AB(16, groups=4), lambda g: torch.randn(8, 16, 5, 5, generator=g), lambda m, x: m(x)),
+    "afi": (lambda: cnnboost.AFI(16), lambda g: torch.randn(3, 8, 16, 4, 4, generator=g), lambda m, x: m(list(x))),
+}
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_many_python_threads_share_one_module(name):
+    make, data, call = MODULES[name]
+    m = make().eval()  # eval: no running-stat updates racing between threads
+    xs = [data(torch.Generator().manual_seed(i)) for i in range(8)]
+    expected = [call(m, x).detach() for x in xs]
     results = [None] * len(xs)
     errors = []
 
     def work(i):
         try:
             for _ in range(20):
-                results[i] = m(xs[i]).detach()
+                results[i] = call(m, xs[i]).detach()
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
@@ -55,14 +66,16 @@ def test_many_python_threads_share_one_module():
         assert torch.equal(r, e)
 
 
-def test_results_are_deterministic_run_to_run():
-    m = cnnboost.FFC(300, 50)
-    x = torch.randn(64, 300, 3, 3, requires_grad=True)
+@pytest.mark.parametrize("name", MODULES)
+def test_results_are_deterministic_run_to_run(name):
+    make, data, call = MODULES[name]
+    m = make()
+    x = data(torch.Generator().manual_seed(0)).requires_grad_()
     runs = []
     for _ in range(3):
         m.zero_grad()
         x.grad = None
-        y = m(x)
+        y = call(m, x)
         y.square().sum().backward()
         runs.append([y.detach().clone(), x.grad.clone()] + [p.grad.clone() for p in m.parameters()])
     for other in runs[1:]:
@@ -88,14 +101,16 @@ def test_float32_tracks_float64_at_large_channel_counts():
     torch.testing.assert_close(y32, y64, rtol=1e-5, atol=1e-5 * y64.abs().max().item())
 
 
-def test_resident_memory_stays_flat_over_many_calls():
+@pytest.mark.parametrize("name", MODULES)
+def test_resident_memory_stays_flat_over_many_calls(name):
     psutil = pytest.importorskip("psutil")
     proc = psutil.Process()
-    m = cnnboost.FFC(32, 8)
-    x = torch.randn(8, 32, 2, 2, requires_grad=True)
+    make, data, call = MODULES[name]
+    m = make()
+    x = data(torch.Generator().manual_seed(0)).requires_grad_()
 
     def step():
-        y = m(x)
+        y = call(m, x)
         y.sum().backward()
 
     for _ in range(500):
