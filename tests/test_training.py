@@ -76,3 +76,45 @@ def test_a_model_of_every_module_compiles_whole(head):
     eager.eval(), twin.eval()
     x = torch.randn(4, 3, 5, 5, generator=g)
     torch.testing.assert_close(compiled(x), eager(x))
+
+
+MODULES = {
+    "ffc": (lambda: cnnboost.FFC(8, 3, eval_ensemble="mean"), lambda: torch.randn(4, 8, 2, 2), lambda m, x: m(x)),
+    "ssm": (lambda: cnnboost.SSM(8, 3, num_heads=2), lambda: torch.randn(4, 8), lambda m, x: m(x)),
+    "ab": (lambda: cnnboost.AB(8, groups=2, bias=True), lambda: torch.randn(4, 8, 3, 3), lambda m, x: m(x)),
+    "afi": (lambda: cnnboost.AFI(8, bias=True), lambda: torch.randn(2, 4, 8, 3, 3), lambda m, x: m(list(x))),
+}
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_deepcopy_pickle_state_dict_and_repr(name):
+    import copy
+    import io
+
+    make, data, call = MODULES[name]
+    m = make()
+    m.eval()
+    x = data()
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    for clone in (copy.deepcopy(m), torch.load(buf, weights_only=False)):
+        assert repr(clone) == repr(m)
+        torch.testing.assert_close(call(clone, x), call(m, x))
+    fresh = make().eval()
+    fresh.load_state_dict(m.state_dict())
+    torch.testing.assert_close(call(fresh, x), call(m, x))
+
+
+@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_autocast_computes_half_inputs_in_the_parameters_dtype(name, half):
+    make, data, call = MODULES[name]
+    m = make()
+    x = data().to(half)
+    with torch.autocast("cpu", dtype=half):
+        y = call(m, x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, call(m, x.float()))
+    with pytest.raises(TypeError, match="float16|bfloat16"):
+        call(m, x)  # outside autocast: a clear error
