@@ -24,3 +24,11 @@ def test_stubs_cover_the_extension():
 
 def test_package_is_typed():
     assert (STUBS.parent / "py.typed").exists()
+
+
+def test_core_reprs_read_like_python():
+    for eps in (1e-5, 1e-3, 0.1, 2.5e-7, 1e20):
+        assert repr(core.FFC(3, "paper", eps)) == f"FFC(num_filters=3, combine='paper', eps={eps!r})"
+        assert repr(core.AB(8, 2, eps)) == f"AB(channels=8, groups=2, eps={eps!r})"
+        assert repr(core.SSM(4, True, eps)) == f"SSM(num_heads=4, norm_last_head=True, eps={eps!r})"
+    assert repr(core.AFI(16, 4)) == "AFI(channels=16, hidden=4)"

@@ -208,7 +208,7 @@ impl Ab {
     }
 
     fn __repr__(&self) -> String {
-        format!("AB(channels={}, groups={}, eps={})", self.channels, self.groups, self.eps)
+        format!("AB(channels={}, groups={}, eps={})", self.channels, self.groups, super::py_float(self.eps))
     }
 
     /// Forward of `x` `[N, C, H, W]`. Returns `(out, pooled, mean, invstd,

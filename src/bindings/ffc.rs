@@ -201,7 +201,7 @@ impl Ffc {
             "FFC(num_filters={}, combine='{}', eps={})",
             self.cfg.num_filters,
             self.combine(),
-            self.cfg.eps
+            super::py_float(self.cfg.eps)
         )
     }
 

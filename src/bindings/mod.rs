@@ -65,6 +65,22 @@ pub(crate) fn to_py_err(e: kernels::Error) -> PyErr {
     }
 }
 
+/// A float as Python's `repr` writes it (`1e-05`, not Rust's `0.00001`), for reprs.
+pub(crate) fn py_float(v: f64) -> String {
+    if v != 0.0 && v.is_finite() && (v.abs() < 1e-4 || v.abs() >= 1e16) {
+        let s = format!("{v:e}"); // e.g. "1e-5"
+        match s.split_once('e') {
+            Some((m, e)) => {
+                let (sign, digits) = e.strip_prefix('-').map_or(("+", e), |d| ("-", d));
+                format!("{m}e{sign}{digits:0>2}")
+            }
+            None => s,
+        }
+    } else {
+        format!("{v:?}")
+    }
+}
+
 /// Sets the number of threads the kernels use (default: the number of CPUs).
 #[pyfunction]
 fn set_num_threads(num_threads: i64) -> PyResult<()> {

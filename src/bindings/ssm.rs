@@ -297,7 +297,7 @@ impl Ssm {
             "SSM(num_heads={}, norm_last_head={}, eps={})",
             self.num_heads,
             if self.norm_last_head { "True" } else { "False" },
-            self.eps
+            super::py_float(self.eps)
         )
     }
 
