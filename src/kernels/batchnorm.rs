@@ -112,21 +112,44 @@ pub fn backward<T: Float>(
     gamma: &[T],
     training: bool,
 ) -> BatchNormGrads<T> {
-    let xhat = |i: usize, j: usize| (x[i * ld + j].as_f64() - mean[j].as_f64()) * invstd[j].as_f64();
-    let dbeta = column_sums(n, c, |i, j| dy[i * c + j].as_f64());
-    let dgamma = column_sums(n, c, |i, j| dy[i * c + j].as_f64() * xhat(i, j));
+    // One pass over the rows for both column sums, Σ dy and Σ dy·x̂, in f64.
+    let mut dbeta = vec![0.0f64; c];
+    let mut dgamma = vec![0.0f64; c];
+    dbeta.par_chunks_mut(COL_BLOCK).zip(dgamma.par_chunks_mut(COL_BLOCK)).enumerate().for_each(
+        |(b, (db, dg))| {
+            let j0 = b * COL_BLOCK;
+            let width = db.len();
+            let (mu, is) = (&mean[j0..j0 + width], &invstd[j0..j0 + width]);
+            for i in 0..n {
+                let (dyr, xr) = (&dy[i * c + j0..i * c + j0 + width], &x[i * ld + j0..i * ld + j0 + width]);
+                for q in 0..width {
+                    let d = dyr[q].as_f64();
+                    db[q] += d;
+                    dg[q] += d * (xr[q].as_f64() - mu[q].as_f64()) * is[q].as_f64();
+                }
+            }
+        },
+    );
+    // dx = γ·σ⁻¹·(dy − Σdy/n − x̂·Σ(dy·x̂)/n), with the per-column factors folded:
+    // dx = k1·dy − k2 − k3·(x − μ), each row in the element type.
+    let inv_n = 1.0 / n.max(1) as f64;
+    let k1: Vec<T> = (0..c).map(|j| T::of(gamma[j].as_f64() * invstd[j].as_f64())).collect();
+    let (k2, k3): (Vec<T>, Vec<T>) = if training {
+        (0..c)
+            .map(|j| {
+                let g = gamma[j].as_f64() * invstd[j].as_f64();
+                (T::of(g * dbeta[j] * inv_n), T::of(g * dgamma[j] * inv_n * invstd[j].as_f64()))
+            })
+            .unzip()
+    } else {
+        (vec![T::zero(); c], vec![T::zero(); c])
+    };
     let mut dx = vec![T::zero(); n * c];
     if c > 0 {
-        let inv_n = 1.0 / n.max(1) as f64;
         dx.par_chunks_mut(c).enumerate().for_each(|(i, row)| {
+            let (dyr, xr) = (&dy[i * c..(i + 1) * c], &x[i * ld..i * ld + c]);
             for j in 0..c {
-                let g = gamma[j].as_f64() * invstd[j].as_f64();
-                let d = dy[i * c + j].as_f64();
-                row[j] = T::of(if training {
-                    g * (d - (dbeta[j] + xhat(i, j) * dgamma[j]) * inv_n)
-                } else {
-                    g * d
-                });
+                row[j] = k1[j] * dyr[j] - k2[j] - k3[j] * (xr[j] - mean[j]);
             }
         });
     }
