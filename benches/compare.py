@@ -179,7 +179,6 @@ def main(argv: Optional[Sequence[str]] = None):
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--no-compile", action="store_true")
     args = parser.parse_args(argv)
-    cnnboost.set_num_threads(torch.get_num_threads())
     cases = [c for group in CASE_GROUPS.values() for c in group() if c.name.startswith(args.only)]
     gflops, gbs = machine_rates()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "

@@ -20,6 +20,13 @@ def test_a_panic_becomes_a_python_exception():
     assert out.shape == (2, 2)
 
 
+def test_the_pool_follows_torch_unless_set():
+    import cnnboost.ffc  # noqa: F401  (a torch module of cnnboost is imported)
+
+    if not cnnboost._threads_chosen:
+        assert cnnboost.get_num_threads() == torch.get_num_threads()
+
+
 def test_set_num_threads():
     before = cnnboost.get_num_threads()
     try:

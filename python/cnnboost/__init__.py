@@ -10,9 +10,9 @@ Each module has a pure-torch twin in ``cnnboost.reference`` that computes the sa
 thing the slow way (the tests compare against it). ``cnnboost._core`` holds the
 Rust kernels for NumPy arrays and needs no torch.
 
-Threads: the kernels run in a pool of their own, sized to the number of CPUs.
-``cnnboost.set_num_threads(n)`` resizes it; keep it equal to
-``torch.get_num_threads()`` so the two do not oversubscribe the machine.
+Threads: the kernels run in a pool of their own, sized like torch's intra-op pool
+(``torch.get_num_threads()``, when the torch modules are first imported) so that the
+two do not oversubscribe the machine; ``cnnboost.set_num_threads(n)`` overrides it.
 
 OpenMP: after each parallel op, torch's OpenMP threads busy-wait for the next one
 (milliseconds), taking the cores from cnnboost's threads. With
@@ -30,7 +30,18 @@ if "torch" not in _sys.modules:
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import _core
-from ._core import get_num_threads, set_num_threads
+from ._core import get_num_threads
+
+_threads_chosen = False
+
+
+def set_num_threads(num_threads: int) -> None:
+    """Sets the number of threads the kernels use. Until this is called, they use
+    ``torch.get_num_threads()`` once a torch module of cnnboost is imported (the
+    number of CPUs before that)."""
+    global _threads_chosen
+    _core.set_num_threads(num_threads)
+    _threads_chosen = True
 
 __version__ = _core.__version__
 

@@ -13,6 +13,18 @@ import torch
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
+def _follow_torch_threads() -> None:
+    """Sizes the kernels' pool like torch's intra-op pool (torch counts physical
+    cores where the OS reports logical ones), unless the user chose a size."""
+    import cnnboost
+
+    if not cnnboost._threads_chosen:
+        cnnboost._core.set_num_threads(max(1, torch.get_num_threads()))
+
+
+_follow_torch_threads()
+
+
 def to_numpy(t: torch.Tensor) -> np.ndarray:
     """A NumPy view of a CPU tensor (no copy; strides kept: the kernels copy only a
     layout they cannot read in place)."""

@@ -205,7 +205,6 @@ def main(argv=None) -> None:
     for v in names:
         if v not in VARIANTS:
             parser.error(f"--variants: unknown variant {v!r}; expected some of {', '.join(VARIANTS)}")
-    cnnboost.set_num_threads(torch.get_num_threads())
     data = load_folder(args.data, args.seed) if args.data else load_digits(args.seed)
     models = variants(data[0].shape[1], int(max(data[1].max(), data[3].max())) + 1)
     print(f"{args.data or 'digits'}: {len(data[0])} train / {len(data[2])} test images "
