@@ -64,8 +64,7 @@ def compare(
 
     `zero_grads` names parameters whose gradient is zero in exact arithmetic (a
     bias followed by a training-mode batch norm): both sides then hold round-off,
-    which is checked to be small against the module's gradient scale instead of
-    compared."""
+    which is checked to be ~0 in float64 instead of compared."""
     dtype = next(fast.parameters()).dtype
     fast.train(train)
     ref.train(train)
@@ -94,8 +93,13 @@ def compare(
             assert_close(a.grad, b.grad, dtype, f"grad of input {i}", scale)
     for (name, p_f), (_, p_r) in zip(fast.named_parameters(), ref.named_parameters()):
         if name in zero_grads:
-            bound = (1e-4 if dtype == torch.float32 else 1e-9) * max(1.0, scale)
-            assert p_f.grad.abs().max() <= bound, f"grad of {name} should be ~0: {p_f.grad}"
+            # In float32 both sides hold round-off of a cancellation amplified by
+            # 1/sqrt(var + eps), as large as 1e-3 for a channel whose batch variance
+            # is ~0, so only float64 can show the gradient is zero.
+            if dtype == torch.float64:
+                bound = 1e-9 * max(1.0, scale)
+                assert p_f.grad.abs().max() <= bound, f"grad of {name} should be ~0: {p_f.grad}"
+            assert torch.isfinite(p_f.grad).all(), f"grad of {name}: {p_f.grad}"
             continue
         assert_close(p_f.grad, p_r.grad, dtype, f"grad of {name}", scale)
     return out_f, out_r

@@ -32,6 +32,16 @@ def laid_out(shape, dtype, layout, seed):
     return torch.randn(shape, dtype=dtype, generator=g)
 
 
+def compare_drawn(fast, ref, shape, case, **kwargs):
+    """`compare` on one input of `shape` in the case's drawn layout, dtype and mode."""
+
+    def make():
+        x = laid_out(shape, case["dtype"], case["layout"], case["seed"])
+        return [x.requires_grad_() if x.is_leaf else x]
+
+    compare(fast, ref, make, train=case["train"], **kwargs)
+
+
 @st.composite
 def ffc_cases(draw):
     return dict(
@@ -61,13 +71,7 @@ def test_ffc_agrees_with_reference(case):
     fast, ref = twins(cnnboost.FFC, reference.FFC, case["c"], case["k"], case["num_filters"],
                       combine=case["combine"], outputs=case["outputs"], eval_ensemble=case["eval_ensemble"],
                       dtype=case["dtype"], seed=case["seed"])
-    shape = (case["n"], case["c"]) + case["spatial"]
-
-    def make():
-        x = laid_out(shape, case["dtype"], case["layout"], case["seed"])
-        return [x.requires_grad_() if x.is_leaf else x]
-
-    compare(fast, ref, make, train=case["train"])
+    compare_drawn(fast, ref, (case["n"], case["c"]) + case["spatial"], case)
 
 
 @st.composite
@@ -88,13 +92,7 @@ def test_ssm_agrees_with_reference(case):
     fast, ref = twins(cnnboost.SSM, reference.SSM, case["c"], case["k"], case["g"],
                       norm_last_head=case["norm_last_head"], outputs=case["outputs"], dtype=case["dtype"],
                       seed=case["seed"])
-    shape = (case["n"], case["c"]) + case["spatial"]
-
-    def make():
-        x = laid_out(shape, case["dtype"], case["layout"], case["seed"])
-        return [x.requires_grad_() if x.is_leaf else x]
-
-    compare(fast, ref, make, train=case["train"])
+    compare_drawn(fast, ref, (case["n"], case["c"]) + case["spatial"], case)
 
 
 @st.composite
@@ -114,13 +112,8 @@ def test_ab_agrees_with_reference(case):
     torch.manual_seed(case["seed"])
     fast, ref = twins(cnnboost.AB, reference.AB, case["c"], groups=case["groups"], bias=case["bias"],
                       dtype=case["dtype"], seed=case["seed"])
-    shape = (case["n"], case["c"], case["h"], case["w"])
-
-    def make():
-        x = laid_out(shape, case["dtype"], case["layout"], case["seed"])
-        return [x.requires_grad_() if x.is_leaf else x]
-
-    compare(fast, ref, make, train=case["train"], zero_grads=("conv.bias",) if case["train"] else ())
+    compare_drawn(fast, ref, (case["n"], case["c"], case["h"], case["w"]), case,
+                  zero_grads=("conv.bias",) if case["train"] else ())
 
 
 @st.composite

@@ -131,25 +131,22 @@ pub fn backward<T: Float>(
         },
     );
     // dx = γ·σ⁻¹·(dy − Σdy/n − x̂·Σ(dy·x̂)/n), with the per-column factors folded:
-    // dx = k1·dy − k2 − k3·(x − μ), each row in the element type.
+    // dx = k1·dy − k2 − k3·(x − μ). In f64: with a small batch the terms nearly
+    // cancel, and float32 arithmetic would leave round-off amplified by σ⁻¹.
     let inv_n = 1.0 / n.max(1) as f64;
-    let k1: Vec<T> = (0..c).map(|j| T::of(gamma[j].as_f64() * invstd[j].as_f64())).collect();
-    let (k2, k3): (Vec<T>, Vec<T>) = if training {
-        (0..c)
-            .map(|j| {
-                let g = gamma[j].as_f64() * invstd[j].as_f64();
-                (T::of(g * dbeta[j] * inv_n), T::of(g * dgamma[j] * inv_n * invstd[j].as_f64()))
-            })
-            .unzip()
+    let k1: Vec<f64> = (0..c).map(|j| gamma[j].as_f64() * invstd[j].as_f64()).collect();
+    let (k2, k3): (Vec<f64>, Vec<f64>) = if training {
+        (0..c).map(|j| (k1[j] * dbeta[j] * inv_n, k1[j] * dgamma[j] * inv_n * invstd[j].as_f64())).unzip()
     } else {
-        (vec![T::zero(); c], vec![T::zero(); c])
+        (vec![0.0; c], vec![0.0; c])
     };
+    let mu: Vec<f64> = mean.iter().map(|v| v.as_f64()).collect();
     let mut dx = vec![T::zero(); n * c];
     if c > 0 {
         dx.par_chunks_mut(c).enumerate().for_each(|(i, row)| {
             let (dyr, xr) = (&dy[i * c..(i + 1) * c], &x[i * ld..i * ld + c]);
             for j in 0..c {
-                row[j] = k1[j] * dyr[j] - k2[j] - k3[j] * (xr[j] - mean[j]);
+                row[j] = T::of(k1[j] * dyr[j].as_f64() - k2[j] - k3[j] * (xr[j].as_f64() - mu[j]));
             }
         });
     }
