@@ -49,8 +49,11 @@ def _worker(rank, init_file, out_dir, kind, sync):
     train(model, x[shard], y[shard])
     if rank == 0:
         torch.save(model.module.state_dict(), os.path.join(out_dir, "ddp.pt"))
-    dist.barrier()  # both ranks done before either tears gloo down
-    dist.destroy_process_group()
+    dist.barrier()  # both ranks done
+    # Leave without tearing gloo down: its teardown at interpreter exit now and then
+    # aborts ("terminate called without an active exception"), which says nothing
+    # about the training this test checks.
+    os._exit(0)
 
 
 def ddp_state(kind, sync):
