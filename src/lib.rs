@@ -8,6 +8,7 @@
 //!   `cnnboost._core`: one file per module, over one NumPy/DLPack conversion and one
 //!   error mapping.
 
+pub mod candle;
 pub mod kernels;
 
 /// mimalloc keeps freed memory for reuse instead of returning it to the OS at once:

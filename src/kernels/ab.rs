@@ -75,7 +75,7 @@ pub struct Grads<T> {
     pub bn_bias: Vec<T>,
 }
 
-fn validate<T>(cfg: &Config, x: &[T], n: usize, hw: usize, p: &Params<T>) -> Result<()> {
+pub(crate) fn validate<T>(cfg: &Config, x: &[T], n: usize, hw: usize, p: &Params<T>) -> Result<()> {
     let c = cfg.channels;
     if c == 0 {
         return Err(Error::value("channels", "an integer >= 1", "0"));

@@ -84,7 +84,7 @@ pub struct Grads<T> {
 
 /// Validated sizes.
 #[derive(Clone, Copy, Debug)]
-struct Dims {
+pub(crate) struct Dims {
     m: usize,
     hidden: usize,
     /// `N*C`, planes per map.
@@ -93,7 +93,7 @@ struct Dims {
     mn: usize,
 }
 
-fn validate<T>(xs: &[&[T]], n: usize, c: usize, hw: usize, p: &Params<T>) -> Result<Dims> {
+pub(crate) fn validate<T>(xs: &[&[T]], n: usize, c: usize, hw: usize, p: &Params<T>) -> Result<Dims> {
     if xs.is_empty() {
         return Err(Error::value("xs", "at least one feature map", "an empty list"));
     }

@@ -141,12 +141,12 @@ pub struct Grads<T> {
     pub fc_bias: Vec<T>,
 }
 
-fn validate<T>(cfg: &Config, d: Dims, x: &[T], p: &Params<T>) -> Result<()> {
+pub(crate) fn validate<T>(cfg: &Config, d: Dims, x: &[T], p: &Params<T>) -> Result<()> {
     check_len("x", x, &[d.n, d.c, d.hw])?;
     validate_params(cfg, d, p)
 }
 
-fn validate_params<T>(cfg: &Config, d: Dims, p: &Params<T>) -> Result<()> {
+pub(crate) fn validate_params<T>(cfg: &Config, d: Dims, p: &Params<T>) -> Result<()> {
     if d.c == 0 {
         return Err(Error::shape("x", "at least 1 channel", "0 channels"));
     }

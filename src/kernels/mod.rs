@@ -22,7 +22,10 @@ pub use error::{Error, Result};
 use std::fmt::Debug;
 
 /// The element types the kernels are instantiated for.
-pub trait Float: num_traits::Float + Copy + Default + Debug + Send + Sync + std::iter::Sum + 'static {
+/// `WithDType` lets the same types cross into the candle implementation.
+pub trait Float:
+    num_traits::Float + Copy + Default + Debug + Send + Sync + std::iter::Sum + candle_core::WithDType + 'static
+{
     /// The NumPy/torch name of the type, for error messages.
     const NAME: &'static str;
     fn of(v: f64) -> Self;

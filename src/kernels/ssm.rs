@@ -200,7 +200,7 @@ pub struct Grads<T> {
 
 /// Sizes that passed validation.
 #[derive(Clone, Copy, Debug)]
-struct Dims {
+pub(crate) struct Dims {
     n: usize,
     c: usize,
     g: usize,
@@ -218,7 +218,7 @@ impl Dims {
     }
 }
 
-fn validate<T>(
+pub(crate) fn validate<T>(
     cfg: &Config,
     x: &[T],
     n: usize,

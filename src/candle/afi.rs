@@ -1,0 +1,205 @@
+//! AFI in candle ops (the rayon twin: `kernels/afi.rs`).
+//!
+//! Forward: `z_i = GAP(X_i)`; the shared scorer over the stacked `[M·N, C]`
+//! descriptors; softmax over the M inputs; `R = Σ_i s~_i · X_i`. The maps are read
+//! where they lie, never stacked. Backward: `g_i = Σ_hw grad_R · X_i` (one pass), the
+//! scorer and softmax backward on `[M, N, C]` by autograd, then
+//! `grad_X_i = s~_i · grad_R + dz_i / HW`.
+
+use super::{err, gap, host, linear, map_grad, plane_dots, scale_planes, tensor, vjp, CResult, Device, Tensor};
+use crate::kernels::afi as rayon_afi;
+use crate::kernels::{Float, Result};
+
+/// The scorer: `fc1_weight` `[hidden, C]`, `fc2_weight` `[C, hidden]`, optional biases.
+pub struct Params {
+    pub fc1_weight: Tensor,
+    pub fc1_bias: Option<Tensor>,
+    pub fc2_weight: Tensor,
+    pub fc2_bias: Option<Tensor>,
+}
+
+/// What the forward returns (see `kernels::afi::Forward`): `z` `[M, N, C]`, `hidden`
+/// `[M, N, hidden]`, `weights` `[M, N, C]`.
+pub struct Forward {
+    pub out: Tensor,
+    pub z: Tensor,
+    pub hidden: Tensor,
+    pub weights: Tensor,
+}
+
+pub struct Grads {
+    pub xs: Vec<Tensor>,
+    pub fc1_weight: Tensor,
+    pub fc1_bias: Option<Tensor>,
+    pub fc2_weight: Tensor,
+    pub fc2_bias: Option<Tensor>,
+}
+
+/// The scorer parameters as one list `[W1, W2, b1?, b2?]` and where the biases are.
+struct Scorer<'a> {
+    list: Vec<&'a Tensor>,
+    b1: Option<usize>,
+    b2: Option<usize>,
+}
+
+impl<'a> Scorer<'a> {
+    fn of(p: &'a Params) -> Self {
+        let mut list = vec![&p.fc1_weight, &p.fc2_weight];
+        let b1 = p.fc1_bias.as_ref().map(|b| {
+            list.push(b);
+            list.len() - 1
+        });
+        let b2 = p.fc2_bias.as_ref().map(|b| {
+            list.push(b);
+            list.len() - 1
+        });
+        Scorer { list, b1, b2 }
+    }
+}
+
+/// `(hidden, s~)` of `z` `[M, N, C]` with the scorer's list `p` (see [`Scorer`]).
+fn weights(z: &Tensor, p: &[Tensor], b1: Option<usize>, b2: Option<usize>) -> CResult<(Tensor, Tensor)> {
+    let (m, n, c) = z.dims3()?;
+    let zf = z.reshape((m * n, c))?;
+    let hidden = linear(&zf, &p[0], b1.map(|i| &p[i]))?.relu()?;
+    let s = linear(&hidden, &p[1], b2.map(|i| &p[i]))?.reshape((m, n, c))?;
+    // Softmax over the inputs; the shift is a constant for the gradient.
+    let e = s.broadcast_sub(&s.max_keepdim(0)?.detach())?.exp()?;
+    let w = e.broadcast_div(&e.sum_keepdim(0)?)?;
+    Ok((hidden.reshape((m, n, ()))?, w))
+}
+
+/// The forward of `xs`, each `[N, C, HW]`.
+pub fn forward(xs: &[Tensor], p: &Params) -> CResult<Forward> {
+    let z = Tensor::stack(&xs.iter().map(gap).collect::<CResult<Vec<_>>>()?, 0)?;
+    let s = Scorer::of(p);
+    let list: Vec<Tensor> = s.list.iter().map(|&t| t.clone()).collect();
+    let (hidden, w) = weights(&z, &list, s.b1, s.b2)?;
+    let mut out = scale_planes(&xs[0], &w.get(0)?)?;
+    for (i, x) in xs.iter().enumerate().skip(1) {
+        out = (out + scale_planes(x, &w.get(i)?)?)?;
+    }
+    Ok(Forward { out, z, hidden, weights: w })
+}
+
+/// The backward from `grad_out` `[N, C, HW]`, the inputs and the saved `z` and
+/// `weights`.
+pub fn backward(grad_out: &Tensor, xs: &[Tensor], p: &Params, z: &Tensor, w: &Tensor) -> CResult<Grads> {
+    let g = Tensor::stack(&xs.iter().map(|x| plane_dots(grad_out, x)).collect::<CResult<Vec<_>>>()?, 0)?;
+    let s = Scorer::of(p);
+    let mut inputs = vec![z];
+    inputs.extend(s.list.iter().copied());
+    let (b1, b2) = (s.b1.map(|i| i + 1), s.b2.map(|i| i + 1));
+    let grads = vjp(&inputs, &g, |v| Ok(weights(&v[0], &v[1..], b1.map(|i| i - 1), b2.map(|i| i - 1))?.1))?;
+    let xs = (0..xs.len()).map(|i| map_grad(grad_out, &w.get(i)?, &grads[0].get(i)?)).collect::<CResult<_>>()?;
+    Ok(Grads {
+        xs,
+        fc1_weight: grads[1].clone(),
+        fc2_weight: grads[2].clone(),
+        fc1_bias: b1.map(|i| grads[i].clone()),
+        fc2_bias: b2.map(|i| grads[i].clone()),
+    })
+}
+
+fn params_on<T: Float>(c: usize, p: &rayon_afi::Params<T>, dev: &Device) -> Result<Params> {
+    let hidden = p.fc1_weight.len() / c;
+    Ok(Params {
+        fc1_weight: tensor(p.fc1_weight, &[hidden, c], dev)?,
+        fc1_bias: p.fc1_bias.map(|b| tensor(b, &[hidden], dev)).transpose()?,
+        fc2_weight: tensor(p.fc2_weight, &[c, hidden], dev)?,
+        fc2_bias: p.fc2_bias.map(|b| tensor(b, &[c], dev)).transpose()?,
+    })
+}
+
+fn maps_on<T: Float>(xs: &[&[T]], dims: &[usize], dev: &Device) -> Result<Vec<Tensor>> {
+    xs.iter().map(|x| tensor(x, dims, dev)).collect()
+}
+
+/// [`forward`] on the CPU device with `kernels::afi::forward`'s signature.
+pub fn forward_host<T: Float>(xs: &[&[T]], n: usize, c: usize, hw: usize, p: &rayon_afi::Params<T>) -> Result<rayon_afi::Forward<T>> {
+    rayon_afi::validate(xs, n, c, hw, p)?;
+    let dev = Device::Cpu;
+    let f = forward(&maps_on(xs, &[n, c, hw], &dev)?, &params_on(c, p, &dev)?).map_err(err)?;
+    Ok(rayon_afi::Forward { out: host(&f.out)?, z: host(&f.z)?, hidden: host(&f.hidden)?, weights: host(&f.weights)? })
+}
+
+/// [`backward`] on the CPU device with `kernels::afi::backward`'s signature.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_host<T: Float>(
+    grad_out: &[T],
+    xs: &[&[T]],
+    n: usize,
+    c: usize,
+    hw: usize,
+    p: &rayon_afi::Params<T>,
+    saved: &rayon_afi::Saved<T>,
+) -> Result<rayon_afi::Grads<T>> {
+    rayon_afi::validate(xs, n, c, hw, p)?;
+    let m = xs.len();
+    crate::kernels::check_len("grad_out", grad_out, &[n, c, hw])?;
+    crate::kernels::check_len("saved.z", saved.z, &[m, n, c])?;
+    crate::kernels::check_len("saved.weights", saved.weights, &[m, n, c])?;
+    let dev = Device::Cpu;
+    let g = backward(
+        &tensor(grad_out, &[n, c, hw], &dev)?,
+        &maps_on(xs, &[n, c, hw], &dev)?,
+        &params_on(c, p, &dev)?,
+        &tensor(saved.z, &[m, n, c], &dev)?,
+        &tensor(saved.weights, &[m, n, c], &dev)?,
+    )
+    .map_err(err)?;
+    Ok(rayon_afi::Grads {
+        xs: g.xs.iter().map(host).collect::<Result<_>>()?,
+        fc1_weight: host(&g.fc1_weight)?,
+        fc1_bias: g.fc1_bias.as_ref().map(host).transpose()?,
+        fc2_weight: host(&g.fc2_weight)?,
+        fc2_bias: g.fc2_bias.as_ref().map(host).transpose()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::candle::testing::{close, rand, tol};
+
+    fn check<T: Float>(m: usize, n: usize, c: usize, hw: usize, hidden: usize, biases: bool) {
+        let maps: Vec<Vec<T>> = (0..m).map(|i| rand(n * c * hw, 10 + i as u64)).collect();
+        let xs: Vec<&[T]> = maps.iter().map(|v| &v[..]).collect();
+        let (w1, w2): (Vec<T>, Vec<T>) = (rand(hidden * c, 1), rand(c * hidden, 2));
+        let (b1, b2): (Vec<T>, Vec<T>) = (rand(hidden, 3), rand(c, 4));
+        let go: Vec<T> = rand(n * c * hw, 5);
+        let p = rayon_afi::Params {
+            fc1_weight: &w1,
+            fc1_bias: biases.then_some(&b1[..]),
+            fc2_weight: &w2,
+            fc2_bias: biases.then_some(&b2[..]),
+        };
+        let t = tol::<T>();
+        let want = rayon_afi::forward(&xs, n, c, hw, &p).unwrap();
+        let got = forward_host(&xs, n, c, hw, &p).unwrap();
+        close("out", &got.out, &want.out, t);
+        close("z", &got.z, &want.z, t);
+        close("hidden", &got.hidden, &want.hidden, t);
+        close("weights", &got.weights, &want.weights, t);
+        let want = rayon_afi::backward(&go, &xs, n, c, hw, &p, &want.saved()).unwrap();
+        let got = backward_host(&go, &xs, n, c, hw, &p, &got.saved()).unwrap();
+        for (i, (a, b)) in got.xs.iter().zip(&want.xs).enumerate() {
+            close(&format!("grad xs[{i}]"), a, b, t);
+        }
+        close("grad fc1_weight", &got.fc1_weight, &want.fc1_weight, t);
+        close("grad fc2_weight", &got.fc2_weight, &want.fc2_weight, t);
+        assert_eq!(got.fc1_bias.is_some(), biases);
+        if biases {
+            close("grad fc1_bias", got.fc1_bias.as_ref().unwrap(), want.fc1_bias.as_ref().unwrap(), t);
+            close("grad fc2_bias", got.fc2_bias.as_ref().unwrap(), want.fc2_bias.as_ref().unwrap(), t);
+        }
+    }
+
+    #[test]
+    fn candle_matches_rayon() {
+        for (m, biases) in [(1, false), (3, true), (2, false)] {
+            check::<f64>(m, 3, 8, 5, 2, biases);
+            check::<f32>(m, 2, 8, 6, 4, biases);
+        }
+    }
+}
