@@ -11,6 +11,17 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 
+@pytest.fixture(params=["rayon", "candle"])
+def each_backend(request):
+    """Runs a test once on the rayon kernels and once on the candle implementation
+    (on candle's CPU device: the code CUDA runs), then restores the default."""
+    import cnnboost
+
+    cnnboost.set_backend(request.param)
+    yield request.param
+    cnnboost.set_backend("rayon")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -26,6 +26,7 @@ def inputs(case, dtype):
     return lambda: [torch.randn(case["n"], case["c"], case["h"], case["w"], dtype=dtype, requires_grad=True)]
 
 
+@pytest.mark.usefixtures("each_backend")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("seed", range(10))
@@ -36,6 +37,7 @@ def test_matches_reference(dtype, train, seed):
     compare(fast, ref, inputs(case, dtype), train=train, zero_grads=("conv.bias",) if train else ())
 
 
+@pytest.mark.usefixtures("each_backend")
 @pytest.mark.parametrize("momentum", [0.1, 0.5, None])
 def test_running_statistics_follow_torch_over_several_steps(momentum):
     fast, ref = twins(cnnboost.AB, reference.AB, 6, groups=3, momentum=momentum, dtype=torch.float64)
@@ -45,6 +47,7 @@ def test_running_statistics_follow_torch_over_several_steps(momentum):
     compare(fast, ref, lambda: [torch.randn(5, 6, 3, 3, dtype=torch.float64, requires_grad=True)], train=False)
 
 
+@pytest.mark.usefixtures("each_backend")
 @pytest.mark.parametrize("groups", [None, 1, 2])
 @pytest.mark.parametrize("train", [True, False])
 def test_gradcheck(groups, train):
@@ -60,6 +63,7 @@ def test_gradcheck(groups, train):
     assert torch.autograd.gradcheck(f, (x, *[p for _, p in m.named_parameters()]))
 
 
+@pytest.mark.usefixtures("each_backend")
 @pytest.mark.parametrize("layout", ["channels_last", "sliced", "expanded"])
 def test_non_contiguous_inputs(layout):
     fast, ref = twins(cnnboost.AB, reference.AB, 8, groups=2, dtype=torch.float64)
@@ -86,6 +90,7 @@ def test_state_dict_names_and_shapes():
     reference.AB(6, groups=2, bias=True).load_state_dict(m.state_dict())
     assert "conv.bias" not in cnnboost.AB(6).state_dict()
 
+@pytest.mark.usefixtures("each_backend")
 
 def test_numpy_only_core():
     rng = np.random.default_rng(0)

@@ -30,6 +30,7 @@ def call(m, xs):
     return m(xs)
 
 
+@pytest.mark.usefixtures("each_backend")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("seed", range(10))
@@ -49,6 +50,7 @@ def test_one_input_is_returned_unchanged():
     assert torch.equal(x.grad, 2 * x.detach())
     assert torch.count_nonzero(m.fc1.weight.grad) == 0
 
+@pytest.mark.usefixtures("each_backend")
 
 def test_the_same_module_takes_a_different_number_of_inputs_each_call():
     fast, ref = twins(cnnboost.AFI, reference.AFI, 8, dtype=torch.float64)
@@ -57,6 +59,7 @@ def test_the_same_module_takes_a_different_number_of_inputs_each_call():
                                     for _ in range(m)], train=True, call=call)
 
 
+@pytest.mark.usefixtures("each_backend")
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("m", [1, 2, 3])
 def test_gradcheck(bias, m):
@@ -70,6 +73,7 @@ def test_gradcheck(bias, m):
 
     assert torch.autograd.gradcheck(f, (*xs, *[p for _, p in mod.named_parameters()]))
 
+@pytest.mark.usefixtures("each_backend")
 
 def test_inputs_in_mixed_layouts():
     fast, ref = twins(cnnboost.AFI, reference.AFI, 8, dtype=torch.float64)
@@ -82,6 +86,7 @@ def test_inputs_in_mixed_layouts():
 
     compare(fast, ref, make, train=True, call=call)
 
+@pytest.mark.usefixtures("each_backend")
 
 def test_the_same_tensor_twice():
     fast, ref = twins(cnnboost.AFI, reference.AFI, 4, dtype=torch.float64)
@@ -96,6 +101,7 @@ def test_state_dict_names_and_shapes():
     reference.AFI(16, reduction=4, bias=True).load_state_dict(m.state_dict())
     assert list(cnnboost.AFI(16, reduction=16).state_dict()) == ["fc1.weight", "fc2.weight"]
 
+@pytest.mark.usefixtures("each_backend")
 
 def test_numpy_only_core():
     rng = np.random.default_rng(0)

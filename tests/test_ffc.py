@@ -31,6 +31,7 @@ def make_x(case, dtype, requires_grad=True):
     return lambda: [torch.randn(shape, dtype=dtype).requires_grad_(requires_grad)]
 
 
+@pytest.mark.usefixtures("each_backend")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("combine", ["paper", "plain"])
 @pytest.mark.parametrize("outputs", ["ensemble", "all"])
@@ -44,6 +45,7 @@ def test_train_matches_reference(dtype, combine, outputs, seed):
     assert out.shape == ((j, case["n"], case["k"]) if outputs == "all" else (case["n"], case["k"]))
 
 
+@pytest.mark.usefixtures("each_backend")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("eval_ensemble", ["mean", "vote"])
 @pytest.mark.parametrize("combine", ["paper", "plain"])
@@ -78,6 +80,7 @@ def test_vote_rule_reference_by_hand():
     assert math.floor(scores[0, 2].item()) == 2
 
 
+@pytest.mark.usefixtures("each_backend")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_vote_ties_follow_the_most_confident_output(dtype):
     """With two outputs (plain, one filter) half the samples are ties."""
@@ -94,6 +97,7 @@ def test_vote_ties_follow_the_most_confident_output(dtype):
     assert torch.equal(fast(x).argmax(1), expected)
 
 
+@pytest.mark.usefixtures("each_backend")
 @pytest.mark.parametrize("outputs", ["ensemble", "all"])
 @pytest.mark.parametrize("spatial", [None, (2, 3)])
 @pytest.mark.parametrize("combine", ["paper", "plain"])
@@ -113,6 +117,7 @@ def test_gradcheck(outputs, spatial, combine):
     assert torch.autograd.gradcheck(f, (x, *params))
 
 
+@pytest.mark.usefixtures("each_backend")
 @pytest.mark.parametrize("layout", ["transposed", "sliced", "channels_last", "expanded"])
 def test_non_contiguous_inputs(layout):
     fast, ref = twins(cnnboost.FFC, reference.FFC, 12, 5, 3, dtype=torch.float64)
@@ -136,6 +141,7 @@ def test_state_dict_uses_the_authors_layout():
     r = reference.FFC(8, 3)
     r.load_state_dict(m.state_dict())
 
+@pytest.mark.usefixtures("each_backend")
 
 def test_numpy_only_core_matches_reference():
     """A NumPy user calls _core directly: forward, backward, vote."""

@@ -38,6 +38,7 @@ def ssm_twins(case, dtype, seed, **kwargs):
                  **kwargs)
 
 
+@pytest.mark.usefixtures("each_backend")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("norm_last_head", [False, True])
 @pytest.mark.parametrize("outputs", ["ensemble", "all"])
@@ -51,6 +52,7 @@ def test_train_matches_reference(dtype, norm_last_head, outputs, seed):
     assert all(bn.num_batches_tracked.item() == 1 for bn in fast.bns)
 
 
+@pytest.mark.usefixtures("each_backend")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("norm_last_head", [False, True])
 @pytest.mark.parametrize("outputs", ["ensemble", "all"])
@@ -65,6 +67,7 @@ def test_eval_matches_reference(dtype, norm_last_head, outputs, seed):
         assert torch.equal(v, before[k]), k
 
 
+@pytest.mark.usefixtures("each_backend")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("momentum", [0.1, 0.5, None])
 @pytest.mark.parametrize("spatial", [None, (2, 2)])
@@ -98,6 +101,7 @@ def test_last_head_is_raw_by_default():
     assert len(m.bns) == 1 and len(cnnboost.SSM(8, 3, 2, norm_last_head=True).bns) == 2
 
 
+@pytest.mark.usefixtures("each_backend")
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("outputs", ["ensemble", "all"])
 @pytest.mark.parametrize("spatial", [None, (2, 3)])
@@ -117,6 +121,7 @@ def test_gradcheck(train, outputs, spatial, norm_last_head):
     assert torch.autograd.gradcheck(f, (x, *params))
 
 
+@pytest.mark.usefixtures("each_backend")
 @pytest.mark.parametrize("layout", ["transposed", "sliced", "channels_last", "expanded"])
 @pytest.mark.parametrize("train", [True, False])
 def test_non_contiguous_inputs(layout, train):
@@ -124,6 +129,7 @@ def test_non_contiguous_inputs(layout, train):
 
     compare(fast, ref, lambda: [non_contiguous_features(layout)], train=train)
 
+@pytest.mark.usefixtures("each_backend")
 
 def test_state_dict_keys_and_loading_from_the_reference():
     m = cnnboost.SSM(8, 3, num_heads=2)
@@ -159,6 +165,7 @@ def _reference_from_arrays(c, k, g, fw, fb, bw, bb, rm, rv):
     return ref
 
 
+@pytest.mark.usefixtures("each_backend")
 @pytest.mark.parametrize("training", [True, False])
 def test_numpy_only_core_matches_reference(training):
     """A NumPy user calls _core directly: forward, backward, statistics."""
@@ -334,6 +341,7 @@ def test_outputs_are_fresh_tensors():
     assert y1.data_ptr() != y2.data_ptr()
     assert not np.shares_memory(y1.detach().numpy(), x.numpy())
 
+@pytest.mark.usefixtures("each_backend")
 
 def test_nan_propagates_like_the_reference():
     fast, ref = twins(cnnboost.SSM, reference.SSM, 8, 3, 2, dtype=torch.float64)

@@ -25,6 +25,7 @@ class Net(nn.Module):
         return self.head(self.fuse([x0, x1, x2]))
 
 
+@pytest.mark.usefixtures("each_backend")
 @pytest.mark.parametrize("head", ["ssm", "ffc"])
 def test_sgd_steps_match_the_reference_twin(head):
     torch.manual_seed(0)

@@ -14,6 +14,10 @@ Threads: the kernels run in a pool of their own, sized like torch's intra-op poo
 (``torch.get_num_threads()``, when the torch modules are first imported) so that the
 two do not oversubscribe the machine; ``cnnboost.set_num_threads(n)`` overrides it.
 
+Backends: CPU calls run the rayon kernels. ``cnnboost.set_backend("candle")`` (or
+``CNNBOOST_BACKEND=candle``) runs them through the device-generic candle code instead,
+on candle's CPU device: the same code the CUDA build runs, slower, for checking it.
+
 OpenMP: after each parallel op, torch's OpenMP threads busy-wait for the next one
 (milliseconds), taking the cores from cnnboost's threads. With
 ``OMP_WAIT_POLICY=PASSIVE`` they sleep instead; a cnnboost training step is then up
@@ -30,7 +34,10 @@ if "torch" not in _sys.modules:
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import _core
-from ._core import get_num_threads
+from ._core import get_backend, get_num_threads, set_backend
+
+if _os.environ.get("CNNBOOST_BACKEND"):
+    set_backend(_os.environ["CNNBOOST_BACKEND"])
 
 _threads_chosen = False
 
@@ -50,7 +57,8 @@ __version__ = _core.__version__
 _TORCH_MODULES = {"AB": "ab", "AFI": "afi", "FFC": "ffc", "SSM": "ssm", "reference": None, "models": None,
                   "convert_sync_batchnorm": "distributed"}
 
-__all__ = ["AB", "AFI", "FFC", "SSM", "reference", "models", "convert_sync_batchnorm", "get_num_threads", "set_num_threads", "__version__"]
+__all__ = ["AB", "AFI", "FFC", "SSM", "reference", "models", "convert_sync_batchnorm", "get_backend", "get_num_threads",
+           "set_backend", "set_num_threads", "__version__"]
 
 
 def __getattr__(name: str):

@@ -23,6 +23,14 @@ def set_num_threads(num_threads: int) -> None:
 def get_num_threads() -> int:
     """The number of threads the kernels use."""
 
+def set_backend(name: str) -> None:
+    """``"rayon"`` (default: the fast CPU kernels) or ``"candle"`` (the device-generic
+    candle implementation on candle's CPU device, the code the CUDA build runs;
+    slower, for checking it)."""
+
+def get_backend() -> str:
+    """The backend of CPU calls: ``"rayon"`` or ``"candle"``."""
+
 class FFC:
     """Sequential Feature Filtering Classifier kernels. Holds only the
     hyper-parameters; parameters are passed to each call: ``ln_weight``/``ln_bias``

@@ -3,7 +3,8 @@
 use super::array::{
     any_items, dispatch, expect_rank, expect_shape, fmt_shape, input, list, output, tuple, Input,
 };
-use super::{compute, to_py_err};
+use super::{backend, compute, to_py_err};
+use crate::candle::afi as candle_afi;
 use crate::kernels::afi::{self, Params, Saved};
 use crate::kernels::Float;
 use numpy::Element;
@@ -109,7 +110,7 @@ fn forward_t<'py, T: Element + Float>(
     let (n, c, hw) = (shape[0], shape[1], shape[2] * shape[3]);
     let slices: Vec<&[T]> = maps.iter().map(|x| x.slice()).collect();
     let p = scorer.params();
-    let f = compute(py, || afi::forward(&slices, n, c, hw, &p))?.map_err(to_py_err)?;
+    let f = compute(py, || backend!(afi::forward, candle_afi::forward_host, (&slices, n, c, hw, &p)))?.map_err(to_py_err)?;
     let m = maps.len();
     tuple(
         py,
@@ -150,7 +151,7 @@ fn backward_t<'py, T: Element + Float>(
     let slices: Vec<&[T]> = maps.iter().map(|x| x.slice()).collect();
     let (gos, p) = (go.slice(), scorer.params());
     let saved = Saved { z: zs.slice(), hidden: hs.slice(), weights: ws.slice() };
-    let g = compute(py, || afi::backward(gos, &slices, n, c, hw, &p, &saved))?.map_err(to_py_err)?;
+    let g = compute(py, || backend!(afi::backward, candle_afi::backward_host, (gos, &slices, n, c, hw, &p, &saved)))?.map_err(to_py_err)?;
     let grads_x = g.xs.into_iter().map(|gx| output(py, gx, &shape)).collect::<PyResult<Vec<_>>>()?;
     let h = afi.hidden;
     let b1 = g.fc1_bias.unwrap_or_default();

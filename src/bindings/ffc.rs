@@ -1,7 +1,8 @@
 //! `cnnboost._core.FFC`: the FFC kernels for NumPy arrays and DLPack objects.
 
 use super::array::{dispatch, expect_rank, expect_shape, input, input_dims, output, tuple};
-use super::{compute, to_py_err};
+use super::{backend, compute, to_py_err};
+use crate::candle::{self, ffc as candle_ffc};
 use crate::kernels::ffc::{self, Combine, Config, Dims, Outputs, Params};
 use crate::kernels::pool::global_avg_pool;
 use crate::kernels::Float;
@@ -80,9 +81,9 @@ fn forward_t<'py, T: Element + Float>(
     let (out, pooled) = compute(py, || {
         // A 4-d input is pooled here, once: the backward reads the pooled features
         // rather than the whole map.
-        let pooled = map.then(|| global_avg_pool(xs, hw));
+        let pooled = map.then(|| backend!(global_avg_pool, candle::pool_host, (xs, hw)));
         let f0 = pooled.as_deref().unwrap_or(xs);
-        ffc::forward(cfg, d, f0, &p, outputs).map(|out| (out, pooled))
+        backend!(ffc::forward, candle_ffc::forward_host, (cfg, d, f0, &p, outputs)).map(|out| (out, pooled))
     })?
     .map_err(to_py_err)?;
     let out_shape = match outputs {
@@ -125,7 +126,7 @@ fn backward_t<'py, T: Element + Float>(
     }
     let d = Dims { n, c, hw, k: call.k };
     let (gos, f0s, p) = (go.slice(), f0.slice(), call.params());
-    let g = compute(py, || ffc::backward(cfg, d, gos, &p, f0s, outputs))?.map_err(to_py_err)?;
+    let g = compute(py, || backend!(ffc::backward, candle_ffc::backward_host, (cfg, d, gos, &p, f0s, outputs)))?.map_err(to_py_err)?;
     tuple(
         py,
         vec![
@@ -152,7 +153,7 @@ fn vote_t<'py, T: Element + Float>(
     let call = Call::<T>::read(cfg, c, ln_weight, ln_bias, fc_weight, fc_bias)?;
     let d = Dims { n, c, hw, k: call.k };
     let (xs, p) = (xa.slice(), call.params());
-    let scores = compute(py, || ffc::vote(cfg, d, xs, &p))?.map_err(to_py_err)?;
+    let scores = compute(py, || backend!(ffc::vote, candle_ffc::vote_host, (cfg, d, xs, &p)))?.map_err(to_py_err)?;
     output(py, scores, &[n, d.k])
 }
 

@@ -14,6 +14,7 @@ use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use rayon::{ThreadPool, ThreadPoolBuilder};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 /// The pool every kernel runs in: rayon's global pool cannot be resized, and users
@@ -100,6 +101,50 @@ fn get_num_threads() -> PyResult<usize> {
     Ok(pool()?.current_num_threads())
 }
 
+/// Whether the CPU calls run the candle implementation (`src/candle`) instead of the
+/// rayon kernels: `cnnboost.set_backend("candle")`, for checking the device-generic
+/// code (the one CUDA runs) against the same references on the CPU.
+static CANDLE: AtomicBool = AtomicBool::new(false);
+
+pub(crate) fn candle_backend() -> bool {
+    CANDLE.load(Ordering::Relaxed)
+}
+
+/// Chooses what computes CPU calls: `"rayon"` (the default, the fast kernels) or
+/// `"candle"` (the device-generic implementation on candle's CPU device: the same
+/// code as on CUDA, slower; for checking it).
+#[pyfunction]
+fn set_backend(name: &str) -> PyResult<()> {
+    let candle = match name {
+        "rayon" => false,
+        "candle" => true,
+        other => {
+            return Err(PyValueError::new_err(format!("name: expected 'rayon' or 'candle', got {other:?}")))
+        }
+    };
+    CANDLE.store(candle, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The backend of CPU calls, `"rayon"` or `"candle"`.
+#[pyfunction]
+fn get_backend() -> &'static str {
+    if candle_backend() {
+        "candle"
+    } else {
+        "rayon"
+    }
+}
+
+/// Runs `$rayon` or, under `set_backend("candle")`, `$candle`: two calls of the
+/// same signature (the candle `*_host` adapters mirror the rayon kernels').
+macro_rules! backend {
+    ($rayon:path, $candle:path, ($($a:expr),* $(,)?)) => {
+        if $crate::bindings::candle_backend() { $candle($($a),*) } else { $rayon($($a),*) }
+    };
+}
+pub(crate) use backend;
+
 /// Panics inside `compute`, for the test that checks a panic becomes a Python
 /// exception rather than crossing the FFI boundary.
 #[pyfunction]
@@ -112,6 +157,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(set_backend, m)?)?;
+    m.add_function(wrap_pyfunction!(get_backend, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_in_kernel, m)?)?;
     m.add_class::<ab::Ab>()?;
     m.add_class::<afi::Afi>()?;

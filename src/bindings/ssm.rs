@@ -3,7 +3,8 @@
 use super::array::{
     dispatch, expect_rank, expect_shape, fmt_shape, input, input_dims, items, list, output, tuple, Input,
 };
-use super::{compute, to_py_err};
+use super::{backend, compute, to_py_err};
+use crate::candle::{self, ssm as candle_ssm};
 use crate::kernels::pool::global_avg_pool;
 use crate::kernels::ssm::{self, BnParams, Config, Head, Saved};
 use crate::kernels::{Float, Outputs};
@@ -176,9 +177,9 @@ fn forward_t<'py, T: Element + Float>(
     let (f, pooled) = compute(py, || {
         // A 4-d input is pooled here, once: the backward reads the pooled features
         // rather than the whole map.
-        let pooled = map.then(|| global_avg_pool(xs, hw));
+        let pooled = map.then(|| backend!(global_avg_pool, candle::pool_host, (xs, hw)));
         let feats = pooled.as_deref().unwrap_or(xs);
-        ssm::forward(&cfg, feats, n, c, &heads).map(|f| (f, pooled))
+        backend!(ssm::forward, candle_ssm::forward_host, (&cfg, feats, n, c, &heads)).map(|f| (f, pooled))
     })?
     .map_err(to_py_err)?;
     let pooled = match pooled {
@@ -233,7 +234,7 @@ fn backward_t<'py, T: Element + Float>(
     let (gos, xs, heads) = (go.slice(), feats.slice(), p.heads());
     let saved = Saved { mean: mu.slice(), invstd: rs.slice() };
     let mut g = compute(py, || {
-        ssm::backward(&cfg, gos, xs, n, c, &heads, &saved).map(|mut g| {
+        backend!(ssm::backward, candle_ssm::backward_host, (&cfg, gos, xs, n, c, &heads, &saved)).map(|mut g| {
             // Average pooling hands each pixel of a plane 1/(H·W) of its gradient.
             if hw > 1 {
                 let div = T::of(hw as f64);

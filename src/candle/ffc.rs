@@ -136,7 +136,8 @@ pub fn vote_host<T: Float>(cfg: &Config, d: Dims, x: &[T], p: &rayon_ffc::Params
     host(&vote(cfg, &pooled_on(d, x, &dev)?, &params_on(cfg, d, p, &dev)?).map_err(err)?)
 }
 
-/// [`backward`] on the CPU device with `kernels::ffc::backward`'s signature.
+/// [`backward`] on the CPU device with `kernels::ffc::backward`'s signature: `x`
+/// is the gradient of each `H×W` plane's pixels, `grad pooled / HW`.
 pub fn backward_host<T: Float>(
     cfg: &Config,
     d: Dims,
@@ -162,7 +163,7 @@ pub fn backward_host<T: Float>(
     )
     .map_err(err)?;
     Ok(rayon_ffc::Grads {
-        x: host(&g.x)?,
+        x: host(&g.x.affine(1.0 / d.hw as f64, 0.0).map_err(err)?)?,
         ln_weight: host(&g.ln_weight)?,
         ln_bias: host(&g.ln_bias)?,
         fc_weight: host(&g.fc_weight)?,
@@ -189,7 +190,7 @@ mod tests {
         for outputs in [Outputs::Ensemble, Outputs::All] {
             close("out", &forward_host(&cfg, d, &x, &p, outputs).unwrap(), &rayon_ffc::forward(&cfg, d, &x, &p, outputs).unwrap(), t);
             let pooled = crate::kernels::pool::global_avg_pool(&x, hw);
-            let dp = Dims { hw: 1, ..d };
+            let dp = Dims { hw: 1 + hw % 2, ..d };
             let len = if outputs == Outputs::All { cfg.num_outputs() * n * k } else { n * k };
             let go: Vec<T> = rand(len, 6);
             let got = backward_host(&cfg, dp, &go, &p, &pooled, outputs).unwrap();

@@ -44,6 +44,16 @@ pub fn host<T: Float>(t: &Tensor) -> Result<Vec<T>> {
     t.flatten_all().and_then(|f| f.to_vec1::<T>()).map_err(err)
 }
 
+/// `kernels::pool::global_avg_pool` on the CPU device: the means of the `hw`-long
+/// planes of `x`. Only fails on a bug (the caller checked the sizes); `compute` turns
+/// that into a `RuntimeError`.
+pub fn pool_host<T: Float>(x: &[T], hw: usize) -> Vec<T> {
+    tensor(x, &[x.len() / hw, hw], &Device::Cpu)
+        .and_then(|t| t.mean(1).map_err(err))
+        .and_then(|t| host(&t))
+        .expect("candle pooling of a checked slice")
+}
+
 /// The vector-Jacobian product of `f` at `inputs` with cotangent `cot` (the shape of
 /// `f`'s output): the gradient of `Σ f(inputs) · cot` with respect to each input,
 /// zeros for an input `f` does not use.
