@@ -113,12 +113,20 @@ def machine_rates():
     return gflops, gbs
 
 
+def _sync():
+    """Waits for queued GPU work (a no-op on the CPU), so that a timing covers it."""
+    if torch.get_default_device().type == "cuda":
+        torch.cuda.synchronize()
+
+
 def median_time(fn, reps):
     fn()
     ts = []
     for _ in range(reps):
+        _sync()
         t0 = time.perf_counter()
         fn()
+        _sync()
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
 
@@ -167,8 +175,10 @@ def bench_case(case: Case, reps: int, compile_: bool):
     times = {k: [] for k in runs}
     for _ in range(reps):
         for k, fn in runs.items():  # interleaved: drift hits all alike
+            _sync()
             t0 = time.perf_counter()
             fn()
+            _sync()
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -178,10 +188,14 @@ def main(argv: Optional[Sequence[str]] = None):
     parser.add_argument("--only", default="", help="run the cases whose name starts with this")
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, or cuda (needs the CUDA build, cnnboost-cuda: README, 'CUDA')")
     args = parser.parse_args(argv)
+    torch.set_default_device(args.device)
     cases = [c for group in CASE_GROUPS.values() for c in group() if c.name.startswith(args.only)]
     gflops, gbs = machine_rates()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {args.device}: {where}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
           f"roofline: torch GEMM {gflops:.0f} GFLOP/s, copy {gbs:.1f} GB/s; medians of {args.reps}")
     head = f"{'case':<28} {'cnnboost':>9} {'eager':>9} {'compile':>9} {'vs eager':>9} {'vs comp.':>9}  achieved"

@@ -4,6 +4,7 @@ and the checks that give a bad argument a clear error before any work is done.""
 
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Sequence
 
@@ -25,14 +26,52 @@ def _follow_torch_threads() -> None:
 _follow_torch_threads()
 
 
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A NumPy view of a CPU tensor (no copy; strides kept: the kernels copy only a
-    layout they cannot read in place)."""
-    return t.detach().numpy()
+def to_array(t: torch.Tensor):
+    """What the kernels read: a NumPy view of a CPU tensor (no copy; strides kept: the
+    kernels copy only a layout they cannot read in place), or the CUDA tensor itself
+    (read in place through DLPack; made contiguous first if it is not)."""
+    if t.device.type == "cpu":
+        return t.detach().numpy()
+    return t.detach().contiguous()
 
 
-def from_numpy(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(a)
+def from_array(a) -> torch.Tensor:
+    """A kernel result as a tensor, without a copy: a NumPy array (CPU) or a DLPack
+    capsule (CUDA)."""
+    if isinstance(a, np.ndarray):
+        return torch.from_numpy(a)
+    return torch.from_dlpack(a)
+
+
+CUDA_BUILD = "cnnboost_cuda"
+
+
+def _cuda_core():
+    """The CUDA build of the extension (distribution ``cnnboost-cuda``), or None."""
+    try:
+        return importlib.import_module(CUDA_BUILD)
+    except ImportError:
+        return None
+
+
+def core_for(t: torch.Tensor):
+    """The extension that computes on ``t``'s device: ``cnnboost._core`` for CPU
+    tensors, the CUDA build for CUDA tensors. Before a CUDA call, torch's current
+    stream is waited for (the CUDA build waits for its own work before returning), so
+    the results are right on any stream."""
+    if t.device.type == "cpu":
+        from . import _core
+
+        return _core
+    core = _cuda_core()
+    if core is None:
+        raise ValueError(f"expected tensors on the CPU, got one on {t.device}: {NO_CUDA}")
+    torch.cuda.current_stream(t.device).synchronize()
+    return core
+
+
+NO_CUDA = ("this installation of cnnboost computes on the CPU only; for CUDA tensors install the CUDA "
+           "build (README, 'CUDA'), or move the module and input to the CPU")
 
 
 def autocast_input(t: object, like: torch.Tensor) -> object:
@@ -68,11 +107,8 @@ def check_tensor(
             f"{name}: expected dtype torch.float32 or torch.float64, got {t.dtype} "
             "(cast the input, or run the module outside torch.autocast)"
         )
-    if t.device.type != "cpu":
-        raise ValueError(
-            f"{name}: expected a tensor on the CPU, got one on {t.device} "
-            "(this build of cnnboost has CPU kernels only)"
-        )
+    if t.device.type != "cpu" and not (t.device.type == "cuda" and _cuda_core() is not None):
+        raise ValueError(f"{name}: expected a tensor on the CPU, got one on {t.device} ({NO_CUDA})")
     if like is not None:
         if t.dtype != like.dtype:
             raise TypeError(

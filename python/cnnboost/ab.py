@@ -10,18 +10,18 @@ import torch
 from torch import Tensor, nn
 
 from . import _core
-from ._torch import autocast_input, check_bool, check_eps, check_int, check_momentum, sync_active, synced_batch_norm, check_tensor, from_numpy, to_numpy, update_running_stats
+from ._torch import autocast_input, core_for, check_bool, check_eps, check_int, check_momentum, sync_active, synced_batch_norm, check_tensor, from_array, to_array, update_running_stats
 
 __all__ = ["AB"]
 
 
 @functools.lru_cache(maxsize=64)
-def _kernels(channels: int, groups: int, eps: float) -> _core.AB:
-    return _core.AB(channels, groups, eps)
+def _kernels(core, channels: int, groups: int, eps: float) -> _core.AB:
+    return core.AB(channels, groups, eps)
 
 
 def _np(t: Optional[Tensor]):
-    return None if t is None else to_numpy(t)
+    return None if t is None else to_array(t)
 
 
 @torch.library.custom_op("cnnboost::ab_forward", mutates_args=())
@@ -38,12 +38,12 @@ def ab_forward(
     training: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (out, pooled, mean, invstd, var_unbiased); var_unbiased is empty in eval."""
-    k = _kernels(x.shape[1], groups, eps)
+    k = _kernels(core_for(x), x.shape[1], groups, eps)
     arrays = k.forward(
-        to_numpy(x), to_numpy(conv_weight), _np(conv_bias), to_numpy(bn_weight), to_numpy(bn_bias),
-        to_numpy(running_mean), to_numpy(running_var), training,
+        to_array(x), to_array(conv_weight), _np(conv_bias), to_array(bn_weight), to_array(bn_bias),
+        to_array(running_mean), to_array(running_var), training,
     )
-    return tuple(from_numpy(a) for a in arrays)  # type: ignore[return-value]
+    return tuple(from_array(a) for a in arrays)  # type: ignore[return-value]
 
 
 @ab_forward.register_fake
@@ -75,12 +75,12 @@ def ab_backward(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (grad_x, grad_conv_weight, grad_conv_bias (empty without a bias),
     grad_bn_weight, grad_bn_bias)."""
-    k = _kernels(x.shape[1], groups, eps)
+    k = _kernels(core_for(x), x.shape[1], groups, eps)
     arrays = k.backward(
-        to_numpy(grad_out), to_numpy(x), to_numpy(pooled), to_numpy(mean), to_numpy(invstd),
-        to_numpy(conv_weight), _np(conv_bias), to_numpy(bn_weight), to_numpy(bn_bias), training,
+        to_array(grad_out), to_array(x), to_array(pooled), to_array(mean), to_array(invstd),
+        to_array(conv_weight), _np(conv_bias), to_array(bn_weight), to_array(bn_bias), training,
     )
-    return tuple(from_numpy(a) for a in arrays)  # type: ignore[return-value]
+    return tuple(from_array(a) for a in arrays)  # type: ignore[return-value]
 
 
 @ab_backward.register_fake

@@ -10,18 +10,18 @@ import torch
 from torch import Tensor, nn
 
 from . import _core
-from ._torch import autocast_input, check_int, check_tensor, from_numpy, to_numpy
+from ._torch import autocast_input, core_for, check_int, check_tensor, from_array, to_array
 
 __all__ = ["AFI"]
 
 
 @functools.lru_cache(maxsize=64)
-def _kernels(channels: int, reduction: int) -> _core.AFI:
-    return _core.AFI(channels, reduction)
+def _kernels(core, channels: int, reduction: int) -> _core.AFI:
+    return core.AFI(channels, reduction)
 
 
 def _np(t: Optional[Tensor]):
-    return None if t is None else to_numpy(t)
+    return None if t is None else to_array(t)
 
 
 @torch.library.custom_op("cnnboost::afi_forward", mutates_args=())
@@ -34,10 +34,10 @@ def afi_forward(
     reduction: int,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (fused, z, hidden, weights); the last three are kept for backward."""
-    arrays = _kernels(fc1_weight.shape[1], reduction).forward(
-        [to_numpy(x) for x in xs], to_numpy(fc1_weight), _np(fc1_bias), to_numpy(fc2_weight), _np(fc2_bias)
+    arrays = _kernels(core_for(fc1_weight), fc1_weight.shape[1], reduction).forward(
+        [to_array(x) for x in xs], to_array(fc1_weight), _np(fc1_bias), to_array(fc2_weight), _np(fc2_bias)
     )
-    return tuple(from_numpy(a) for a in arrays)  # type: ignore[return-value]
+    return tuple(from_array(a) for a in arrays)  # type: ignore[return-value]
 
 
 @afi_forward.register_fake
@@ -67,11 +67,11 @@ def afi_backward(
 ) -> List[Tensor]:
     """Returns [grad_x_1 … grad_x_M, grad_fc1_weight, grad_fc1_bias, grad_fc2_weight,
     grad_fc2_bias] (a bias gradient is empty when the bias is None)."""
-    gxs, gw1, gb1, gw2, gb2 = _kernels(fc1_weight.shape[1], reduction).backward(
-        to_numpy(grad_out), [to_numpy(x) for x in xs], to_numpy(z), to_numpy(hidden), to_numpy(weights),
-        to_numpy(fc1_weight), _np(fc1_bias), to_numpy(fc2_weight), _np(fc2_bias),
+    gxs, gw1, gb1, gw2, gb2 = _kernels(core_for(fc1_weight), fc1_weight.shape[1], reduction).backward(
+        to_array(grad_out), [to_array(x) for x in xs], to_array(z), to_array(hidden), to_array(weights),
+        to_array(fc1_weight), _np(fc1_bias), to_array(fc2_weight), _np(fc2_bias),
     )
-    return [from_numpy(a) for a in (*gxs, gw1, gb1, gw2, gb2)]
+    return [from_array(a) for a in (*gxs, gw1, gb1, gw2, gb2)]
 
 
 @afi_backward.register_fake

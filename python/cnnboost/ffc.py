@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _core
-from ._torch import autocast_input, check_choice, check_eps, check_int, check_tensor, from_numpy, to_numpy
+from ._torch import autocast_input, core_for, check_choice, check_eps, check_int, check_tensor, from_array, to_array
 
 __all__ = ["FFC"]
 
@@ -24,8 +24,8 @@ OUTPUTS = ("ensemble", "all")
 
 
 @functools.lru_cache(maxsize=64)
-def _kernels(num_filters: int, combine: str, eps: float) -> _core.FFC:
-    return _core.FFC(num_filters, combine, eps)
+def _kernels(core, num_filters: int, combine: str, eps: float) -> _core.FFC:
+    return core.FFC(num_filters, combine, eps)
 
 
 def _num_outputs(num_filters: int, combine: str) -> int:
@@ -45,16 +45,16 @@ def ffc_forward(
 ) -> Tuple[Tensor, Tensor]:
     """Returns (logits, pooled): pooled is the [N, C] average of a 4-d x, kept for the
     backward (empty for a 2-d x, which is its own)."""
-    k = _kernels(ln_weight.shape[0], combine, eps)
+    k = _kernels(core_for(ln_weight), ln_weight.shape[0], combine, eps)
     out, pooled = k.forward(
-        to_numpy(x),
-        to_numpy(ln_weight),
-        to_numpy(ln_bias),
-        to_numpy(fc_weight),
-        to_numpy(fc_bias),
+        to_array(x),
+        to_array(ln_weight),
+        to_array(ln_bias),
+        to_array(fc_weight),
+        to_array(fc_bias),
         "all" if all_outputs else "ensemble",
     )
-    return from_numpy(out), from_numpy(pooled)
+    return from_array(out), from_array(pooled)
 
 
 @ffc_forward.register_fake
@@ -79,18 +79,18 @@ def ffc_backward(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (grad_x per plane [N, C], grad_ln_weight, grad_ln_bias, grad_fc_weight,
     grad_fc_bias); the filter chain is recomputed from the pooled [N, C] input."""
-    k = _kernels(ln_weight.shape[0], combine, eps)
+    k = _kernels(core_for(ln_weight), ln_weight.shape[0], combine, eps)
     arrays = k.backward(
-        to_numpy(grad_out),
-        to_numpy(pooled),
-        to_numpy(ln_weight),
-        to_numpy(ln_bias),
-        to_numpy(fc_weight),
-        to_numpy(fc_bias),
+        to_array(grad_out),
+        to_array(pooled),
+        to_array(ln_weight),
+        to_array(ln_bias),
+        to_array(fc_weight),
+        to_array(fc_bias),
         hw,
         "all" if all_outputs else "ensemble",
     )
-    return tuple(from_numpy(a) for a in arrays)  # type: ignore[return-value]
+    return tuple(from_array(a) for a in arrays)  # type: ignore[return-value]
 
 
 @ffc_backward.register_fake
@@ -135,9 +135,9 @@ ffc_forward.register_autograd(_backward, setup_context=_setup_context)
 def ffc_vote(
     x: Tensor, ln_weight: Tensor, ln_bias: Tensor, fc_weight: Tensor, fc_bias: Tensor, combine: str, eps: float
 ) -> Tensor:
-    k = _kernels(ln_weight.shape[0], combine, eps)
-    return from_numpy(
-        k.vote(to_numpy(x), to_numpy(ln_weight), to_numpy(ln_bias), to_numpy(fc_weight), to_numpy(fc_bias))
+    k = _kernels(core_for(ln_weight), ln_weight.shape[0], combine, eps)
+    return from_array(
+        k.vote(to_array(x), to_array(ln_weight), to_array(ln_bias), to_array(fc_weight), to_array(fc_bias))
     )
 
 

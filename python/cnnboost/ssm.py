@@ -18,16 +18,17 @@ from torch import Tensor, nn
 from . import _core
 from ._torch import (
     autocast_input,
+    core_for,
     check_bool,
     check_choice,
     check_eps,
     check_int,
     check_momentum,
     check_tensor,
-    from_numpy,
+    from_array,
     sync_active,
     synced_batch_norm,
-    to_numpy,
+    to_array,
     update_running_stats,
 )
 
@@ -37,12 +38,12 @@ OUTPUTS = ("ensemble", "all")
 
 
 @functools.lru_cache(maxsize=64)
-def _kernels(num_heads: int, norm_last_head: bool, eps: float) -> _core.SSM:
-    return _core.SSM(num_heads, norm_last_head, eps)
+def _kernels(core, num_heads: int, norm_last_head: bool, eps: float) -> _core.SSM:
+    return core.SSM(num_heads, norm_last_head, eps)
 
 
 def _arrays(ts: List[Tensor]) -> list:
-    return [to_numpy(t) for t in ts]
+    return [to_array(t) for t in ts]
 
 
 @torch.library.custom_op("cnnboost::ssm_forward", mutates_args=())
@@ -63,9 +64,9 @@ def ssm_forward(
     normalised head, concatenated head after head (batch statistics in training,
     running ones in eval); var: the unbiased batch variance in training (empty in
     eval); pooled: the [N, C] average of a 4-d x (empty for a 2-d x, its own)."""
-    k = _kernels(len(fc_weights), norm_last_head, eps)
+    k = _kernels(core_for(fc_weights[0]), len(fc_weights), norm_last_head, eps)
     arrays = k.forward(
-        to_numpy(x),
+        to_array(x),
         _arrays(fc_weights),
         _arrays(fc_biases),
         _arrays(bn_weights),
@@ -75,7 +76,7 @@ def ssm_forward(
         training,
         "all" if all_outputs else "ensemble",
     )
-    return tuple(from_numpy(a) for a in arrays)  # type: ignore[return-value]
+    return tuple(from_array(a) for a in arrays)  # type: ignore[return-value]
 
 
 @ssm_forward.register_fake
@@ -111,12 +112,12 @@ def ssm_backward(
     """Returns (grad_x per plane [N, C], grad_fc_weights, grad_fc_biases,
     grad_bn_weights, grad_bn_biases); the activations are recomputed from the pooled
     [N, C] input and the saved statistics."""
-    k = _kernels(len(fc_weights), norm_last_head, eps)
+    k = _kernels(core_for(fc_weights[0]), len(fc_weights), norm_last_head, eps)
     gx, gfw, gfb, gbw, gbb = k.backward(
-        to_numpy(grad_out),
-        to_numpy(pooled),
-        to_numpy(mean),
-        to_numpy(invstd),
+        to_array(grad_out),
+        to_array(pooled),
+        to_array(mean),
+        to_array(invstd),
         _arrays(fc_weights),
         _arrays(fc_biases),
         _arrays(bn_weights),
@@ -125,8 +126,8 @@ def ssm_backward(
         training,
         "all" if all_outputs else "ensemble",
     )
-    tensors = lambda arrays: [from_numpy(a) for a in arrays]  # noqa: E731
-    return from_numpy(gx), tensors(gfw), tensors(gfb), tensors(gbw), tensors(gbb)
+    tensors = lambda arrays: [from_array(a) for a in arrays]  # noqa: E731
+    return from_array(gx), tensors(gfw), tensors(gfb), tensors(gbw), tensors(gbb)
 
 
 @ssm_backward.register_fake

@@ -233,6 +233,7 @@ impl Ab {
             x,
             "x",
             forward_t(self, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training)
+                | forward_cuda
         )
     }
 
@@ -257,6 +258,160 @@ impl Ab {
             grad_out,
             "grad_out",
             backward_t(self, x, pooled, mean, invstd, conv_weight, conv_bias, bn_weight, bn_bias, training)
+                | backward_cuda
         )
     }
+}
+
+/// [`forward_t`] for CUDA tensors: the candle implementation on the GPU.
+#[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
+fn forward_cuda<'py>(
+    x: &Bound<'py, PyAny>,
+    ab: &Ab,
+    conv_weight: &Bound<'py, PyAny>,
+    conv_bias: Option<&Bound<'py, PyAny>>,
+    bn_weight: &Bound<'py, PyAny>,
+    bn_bias: &Bound<'py, PyAny>,
+    running_mean: &Bound<'py, PyAny>,
+    running_var: &Bound<'py, PyAny>,
+    training: bool,
+) -> PyResult<Bound<'py, PyTuple>> {
+    use super::dlpack::{self, run};
+    let py = x.py();
+    let xa = dlpack::input(x, "x", None)?;
+    let like = (xa.dtype(), xa.device_id);
+    let shape = xa.dims().to_vec();
+    let (n, hw) = ab.map_dims("x", &shape)?;
+    let c = ab.channels;
+    if training && n < 2 {
+        return Err(PyValueError::new_err(format!(
+            "x: expected more than 1 sample in training (batch statistics need two), got a batch of {n}"
+        )));
+    }
+    let p = cuda_params(ab, conv_weight, conv_bias, bn_weight, bn_bias, like)?;
+    let rm = dlpack::input(running_mean, "running_mean", Some(like))?;
+    dlpack::expect_shape("running_mean", &rm, &[c])?;
+    let rv = dlpack::input(running_var, "running_var", Some(like))?;
+    dlpack::expect_shape("running_var", &rv, &[c])?;
+    let cfg = ab.config(training);
+    let dev = xa.device().clone();
+    let f = run(py, &dev, || candle_ab::forward(&cfg, &xa.reshape((n, c, hw))?, &p.params, (&rm, &rv)))?;
+    let var = match f.var_unbiased {
+        Some(v) => v,
+        None => dlpack::empty(&f.mean)?,
+    };
+    let var_len = var.dims()[0];
+    let id = xa.device_id;
+    tuple(
+        py,
+        vec![
+            dlpack::output(py, f.out, &shape, id)?,
+            dlpack::output(py, f.pooled, &[n, c], id)?,
+            dlpack::output(py, f.mean, &[c], id)?,
+            dlpack::output(py, f.invstd, &[c], id)?,
+            dlpack::output(py, var, &[var_len], id)?,
+        ],
+    )
+}
+
+/// [`backward_t`] for CUDA tensors.
+#[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
+fn backward_cuda<'py>(
+    grad_out: &Bound<'py, PyAny>,
+    ab: &Ab,
+    x: &Bound<'py, PyAny>,
+    pooled: &Bound<'py, PyAny>,
+    mean: &Bound<'py, PyAny>,
+    invstd: &Bound<'py, PyAny>,
+    conv_weight: &Bound<'py, PyAny>,
+    conv_bias: Option<&Bound<'py, PyAny>>,
+    bn_weight: &Bound<'py, PyAny>,
+    bn_bias: &Bound<'py, PyAny>,
+    training: bool,
+) -> PyResult<Bound<'py, PyTuple>> {
+    use super::dlpack::{self, run};
+    let py = grad_out.py();
+    let go = dlpack::input(grad_out, "grad_out", None)?;
+    let like = (go.dtype(), go.device_id);
+    let xa = dlpack::input(x, "x", Some(like))?;
+    let shape = xa.dims().to_vec();
+    let (n, hw) = ab.map_dims("x", &shape)?;
+    dlpack::expect_shape("grad_out", &go, &shape)?;
+    let c = ab.channels;
+    let y = dlpack::input(pooled, "pooled", Some(like))?;
+    dlpack::expect_shape("pooled", &y, &[n, c])?;
+    let mu = dlpack::input(mean, "mean", Some(like))?;
+    dlpack::expect_shape("mean", &mu, &[c])?;
+    let is = dlpack::input(invstd, "invstd", Some(like))?;
+    dlpack::expect_shape("invstd", &is, &[c])?;
+    let p = cuda_params(ab, conv_weight, conv_bias, bn_weight, bn_bias, like)?;
+    let cfg = ab.config(training);
+    let dev = xa.device().clone();
+    let dims = (n, c, hw);
+    let g = run(py, &dev, || {
+        candle_ab::backward(&cfg, &go.reshape(dims)?, &xa.reshape(dims)?, &p.params, &y, &mu, &is)
+    })?;
+    let bias = match g.conv_bias {
+        Some(b) => b,
+        None => dlpack::empty(&g.bn_bias)?,
+    };
+    let (id, cg, bias_len) = (xa.device_id, c / ab.groups, bias.dims()[0]);
+    tuple(
+        py,
+        vec![
+            dlpack::output(py, g.x, &shape, id)?,
+            dlpack::output(py, g.conv_weight, &[c, cg, 1, 1], id)?,
+            dlpack::output(py, bias, &[bias_len], id)?,
+            dlpack::output(py, g.bn_weight, &[c], id)?,
+            dlpack::output(py, g.bn_bias, &[c], id)?,
+        ],
+    )
+}
+
+/// The CUDA parameters of one call, read in place and checked; `params` holds
+/// candle views of them (kept alive by `_held`).
+#[cfg(feature = "cuda")]
+struct CudaParams {
+    params: candle_ab::Params,
+    _held: Vec<super::dlpack::CudaIn>,
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_params(
+    ab: &Ab,
+    conv_weight: &Bound<'_, PyAny>,
+    conv_bias: Option<&Bound<'_, PyAny>>,
+    bn_weight: &Bound<'_, PyAny>,
+    bn_bias: &Bound<'_, PyAny>,
+    like: (candle_core::DType, usize),
+) -> PyResult<CudaParams> {
+    use super::dlpack;
+    let c = ab.channels;
+    let cg = c / ab.groups;
+    let w = dlpack::input(conv_weight, "conv_weight", Some(like))?;
+    if w.dims().len() == 4 {
+        dlpack::expect_shape("conv_weight", &w, &[c, cg, 1, 1])?;
+    } else {
+        dlpack::expect_shape("conv_weight", &w, &[c, cg])?;
+    }
+    let b = dlpack::optional(conv_bias, "conv_bias", like)?;
+    if let Some(b) = &b {
+        dlpack::expect_shape("conv_bias", b, &[c])?;
+    }
+    let gamma = dlpack::input(bn_weight, "bn_weight", Some(like))?;
+    dlpack::expect_shape("bn_weight", &gamma, &[c])?;
+    let beta = dlpack::input(bn_bias, "bn_bias", Some(like))?;
+    dlpack::expect_shape("bn_bias", &beta, &[c])?;
+    let err = |e: candle_core::Error| PyValueError::new_err(e.to_string());
+    let params = candle_ab::Params {
+        conv_weight: w.reshape((c, cg)).map_err(err)?,
+        conv_bias: b.as_ref().map(|b| (**b).clone()),
+        bn_weight: (*gamma).clone(),
+        bn_bias: (*beta).clone(),
+    };
+    let mut held = vec![w, gamma, beta];
+    held.extend(b);
+    Ok(CudaParams { params, _held: held })
 }

@@ -215,7 +215,7 @@ impl Afi {
         let first = any_items(xs, "xs")?.into_iter().next().ok_or_else(|| {
             PyValueError::new_err("xs: expected at least one feature map, got an empty list")
         })?;
-        dispatch!(&first, "xs[0]", forward_t(self, xs, fc1_weight, fc1_bias, fc2_weight, fc2_bias))
+        dispatch!(&first, "xs[0]", forward_t(self, xs, fc1_weight, fc1_bias, fc2_weight, fc2_bias) | forward_cuda)
     }
 
     /// Backward. Returns `(grad_xs, grad_fc1_weight, grad_fc1_bias, grad_fc2_weight,
@@ -238,7 +238,147 @@ impl Afi {
         dispatch!(
             grad_out,
             "grad_out",
-            backward_t(self, xs, z, hidden, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+            backward_t(self, xs, z, hidden, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias) | backward_cuda
         )
     }
+}
+
+/// The maps of one CUDA call, read in place and checked.
+#[cfg(feature = "cuda")]
+fn cuda_maps(xs: &Bound<'_, PyAny>, channels: usize, like: Option<(candle_core::DType, usize)>) -> PyResult<(Vec<super::dlpack::CudaIn>, Vec<usize>)> {
+    use super::dlpack::input;
+    let items = any_items(xs, "xs")?;
+    if items.is_empty() {
+        return Err(PyValueError::new_err("xs: expected at least one feature map, got an empty list"));
+    }
+    let mut maps: Vec<super::dlpack::CudaIn> = Vec::with_capacity(items.len());
+    let mut shape = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let arg = format!("xs[{i}]");
+        let x = input(item, &arg, like.or_else(|| maps.first().map(|m| m.like())))?;
+        let s = expect_rank(&arg, x.dims(), 4, "[N, C, H, W]")?.to_vec();
+        if i == 0 {
+            if s[1] != channels {
+                return Err(PyValueError::new_err(format!("{arg}: expected {channels} channels in dim 1, got shape {}", fmt_shape(&s))));
+            }
+            shape = s;
+        } else {
+            expect_shape(&arg, &s, &shape)?;
+        }
+        maps.push(x);
+    }
+    Ok((maps, shape))
+}
+
+/// The CUDA scorer of one call: candle views (`p`) of the arguments held in `_held`.
+#[cfg(feature = "cuda")]
+struct CudaScorer {
+    p: candle_afi::Params,
+    _held: Vec<super::dlpack::CudaIn>,
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_scorer(
+    afi: &Afi,
+    like: (candle_core::DType, usize),
+    fc1_weight: &Bound<'_, PyAny>,
+    fc1_bias: Option<&Bound<'_, PyAny>>,
+    fc2_weight: &Bound<'_, PyAny>,
+    fc2_bias: Option<&Bound<'_, PyAny>>,
+) -> PyResult<CudaScorer> {
+    use super::dlpack::shaped;
+    let (c, h) = (afi.channels, afi.hidden);
+    let w1 = shaped(fc1_weight, "fc1_weight", like, &[h, c])?;
+    let w2 = shaped(fc2_weight, "fc2_weight", like, &[c, h])?;
+    let b1 = fc1_bias.map(|b| shaped(b, "fc1_bias", like, &[h])).transpose()?;
+    let b2 = fc2_bias.map(|b| shaped(b, "fc2_bias", like, &[c])).transpose()?;
+    let p = candle_afi::Params {
+        fc1_weight: (*w1).clone(),
+        fc1_bias: b1.as_ref().map(|b| (**b).clone()),
+        fc2_weight: (*w2).clone(),
+        fc2_bias: b2.as_ref().map(|b| (**b).clone()),
+    };
+    let held = [Some(w1), Some(w2), b1, b2].into_iter().flatten().collect();
+    Ok(CudaScorer { p, _held: held })
+}
+
+#[cfg(feature = "cuda")]
+fn forward_cuda<'py>(
+    first: &Bound<'py, PyAny>,
+    afi: &Afi,
+    xs: &Bound<'py, PyAny>,
+    fc1_weight: &Bound<'py, PyAny>,
+    fc1_bias: Option<&Bound<'py, PyAny>>,
+    fc2_weight: &Bound<'py, PyAny>,
+    fc2_bias: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    use super::dlpack::{self, candle_err, run};
+    let py = first.py();
+    let (maps, shape) = cuda_maps(xs, afi.channels, None)?;
+    let like = maps[0].like();
+    let scorer = cuda_scorer(afi, like, fc1_weight, fc1_bias, fc2_weight, fc2_bias)?;
+    let (m, n, c, hw) = (maps.len(), shape[0], shape[1], shape[2] * shape[3]);
+    let views = maps.iter().map(|x| x.reshape((n, c, hw))).collect::<candle_core::Result<Vec<_>>>().map_err(candle_err)?;
+    let f = run(py, maps[0].device(), || candle_afi::forward(&views, &scorer.p))?;
+    let id = like.1;
+    tuple(
+        py,
+        vec![
+            dlpack::output(py, f.out, &shape, id)?,
+            dlpack::output(py, f.z, &[m, n, c], id)?,
+            dlpack::output(py, f.hidden, &[m, n, afi.hidden], id)?,
+            dlpack::output(py, f.weights, &[m, n, c], id)?,
+        ],
+    )
+}
+
+#[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
+fn backward_cuda<'py>(
+    grad_out: &Bound<'py, PyAny>,
+    afi: &Afi,
+    xs: &Bound<'py, PyAny>,
+    z: &Bound<'py, PyAny>,
+    hidden: &Bound<'py, PyAny>,
+    weights: &Bound<'py, PyAny>,
+    fc1_weight: &Bound<'py, PyAny>,
+    fc1_bias: Option<&Bound<'py, PyAny>>,
+    fc2_weight: &Bound<'py, PyAny>,
+    fc2_bias: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    use super::dlpack::{self, candle_err, run, shaped};
+    let py = grad_out.py();
+    let go = dlpack::input(grad_out, "grad_out", None)?;
+    let like = go.like();
+    let (maps, shape) = cuda_maps(xs, afi.channels, Some(like))?;
+    expect_shape("grad_out", go.dims(), &shape)?;
+    let (m, n, c, hw) = (maps.len(), shape[0], shape[1], shape[2] * shape[3]);
+    let zs = shaped(z, "z", like, &[m, n, c])?;
+    shaped(hidden, "hidden", like, &[m, n, afi.hidden])?;
+    let ws = shaped(weights, "weights", like, &[m, n, c])?;
+    let scorer = cuda_scorer(afi, like, fc1_weight, fc1_bias, fc2_weight, fc2_bias)?;
+    let dims = (n, c, hw);
+    let views = maps.iter().map(|x| x.reshape(dims)).collect::<candle_core::Result<Vec<_>>>().map_err(candle_err)?;
+    let g = run(py, go.device(), || candle_afi::backward(&go.reshape(dims)?, &views, &scorer.p, &zs, &ws))?;
+    let id = like.1;
+    let grads_x = g.xs.into_iter().map(|gx| dlpack::output(py, gx, &shape, id)).collect::<PyResult<Vec<_>>>()?;
+    let b1 = match g.fc1_bias {
+        Some(b) => b,
+        None => dlpack::empty(&g.fc1_weight)?,
+    };
+    let b2 = match g.fc2_bias {
+        Some(b) => b,
+        None => dlpack::empty(&g.fc2_weight)?,
+    };
+    let (l1, l2, h) = (b1.dims()[0], b2.dims()[0], afi.hidden);
+    tuple(
+        py,
+        vec![
+            list(py, grads_x)?,
+            dlpack::output(py, g.fc1_weight, &[h, c], id)?,
+            dlpack::output(py, b1, &[l1], id)?,
+            dlpack::output(py, g.fc2_weight, &[c, h], id)?,
+            dlpack::output(py, b2, &[l2], id)?,
+        ],
+    )
 }

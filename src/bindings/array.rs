@@ -49,9 +49,13 @@ pub fn to_numpy<'py>(obj: &Bound<'py, PyAny>, arg: &str) -> PyResult<Bound<'py, 
         let kind: i64 = dev.get_item(0)?.extract().unwrap_or(1);
         if kind != 1 && kind != 3 {
             // 1: CPU, 3: CUDA host (pinned) memory; everything else lives on a device.
+            let hint = if kind == 2 && !cfg!(feature = "cuda") {
+                "; for CUDA tensors install the CUDA build, cnnboost-cuda (README, \"CUDA\")"
+            } else {
+                ""
+            };
             return Err(PyTypeError::new_err(format!(
-                "{arg}: expected an array in CPU memory (this build of cnnboost is CPU-only), \
-                 got one on DLPack device {}",
+                "{arg}: expected an array in CPU memory, got one on DLPack device {}{hint}",
                 dev.str()?
             )));
         }
@@ -60,6 +64,16 @@ pub fn to_numpy<'py>(obj: &Bound<'py, PyAny>, arg: &str) -> PyResult<Bound<'py, 
         PyValueError::new_err(format!("{arg}: could not be read through DLPack: {}", e.value(py)))
     })?;
     Ok(arr.cast_into::<PyUntypedArray>()?)
+}
+
+/// Whether `obj` lives in CUDA device memory (DLPack device type 2).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub fn on_cuda(obj: &Bound<'_, PyAny>) -> PyResult<bool> {
+    if obj.cast::<PyUntypedArray>().is_ok() || !obj.hasattr("__dlpack_device__")? {
+        return Ok(false);
+    }
+    let dev = obj.call_method0("__dlpack_device__")?;
+    Ok(dev.get_item(0)?.extract::<i64>().unwrap_or(1) == 2)
 }
 
 /// The element type of an array, or a `TypeError` naming the argument.
@@ -171,7 +185,17 @@ pub fn input_dims(shape: &[usize]) -> PyResult<(usize, usize, usize)> {
 
 /// Calls `$f::<T>(array, args…)` with `T` the element type of `$arr` (f32 or f64),
 /// `$arr` read as a NumPy array; a `TypeError` naming `$arg` for any other type.
+///
+/// `dispatch!(x, "x", f(args…) | f_cuda)`: with the `cuda` feature, a CUDA `$arr` goes
+/// to `f_cuda(array, args…)` (the candle implementation on the GPU) instead.
 macro_rules! dispatch {
+    ($arr:expr, $arg:literal, $f:ident ( $($a:expr),* ) | $cuda:ident) => {{
+        #[cfg(feature = "cuda")]
+        if $crate::bindings::array::on_cuda($arr)? {
+            return $cuda($arr, $($a),*);
+        }
+        $crate::bindings::array::dispatch!($arr, $arg, $f($($a),*))
+    }};
     ($arr:expr, $arg:literal, $f:ident ( $($a:expr),* )) => {{
         let arr = $crate::bindings::array::to_numpy($arr, $arg)?;
         match $crate::bindings::array::dtype_of(&arr, $arg)? {

@@ -221,7 +221,7 @@ impl Ffc {
         outputs: &str,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let outputs = Outputs::parse(outputs).map_err(to_py_err)?;
-        dispatch!(x, "x", forward_t(&self.cfg, ln_weight, ln_bias, fc_weight, fc_bias, outputs))
+        dispatch!(x, "x", forward_t(&self.cfg, ln_weight, ln_bias, fc_weight, fc_bias, outputs) | forward_cuda)
     }
 
     /// Backward, from the pooled `[N, C]` input features (x itself for a 2-d x; the
@@ -246,7 +246,7 @@ impl Ffc {
         dispatch!(
             grad_out,
             "grad_out",
-            backward_t(&self.cfg, pooled, ln_weight, ln_bias, fc_weight, fc_bias, hw, outputs)
+            backward_t(&self.cfg, pooled, ln_weight, ln_bias, fc_weight, fc_bias, hw, outputs) | backward_cuda
         )
     }
 
@@ -262,6 +262,142 @@ impl Ffc {
         fc_weight: &Bound<'py, PyAny>,
         fc_bias: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        dispatch!(x, "x", vote_t(&self.cfg, ln_weight, ln_bias, fc_weight, fc_bias))
+        dispatch!(x, "x", vote_t(&self.cfg, ln_weight, ln_bias, fc_weight, fc_bias) | vote_cuda)
     }
+}
+
+/// The CUDA parameters of one call: candle views (`p`) of the arguments held in `_held`.
+#[cfg(feature = "cuda")]
+struct CudaCall {
+    p: candle_ffc::Params,
+    k: usize,
+    _held: Vec<super::dlpack::CudaIn>,
+}
+
+#[cfg(feature = "cuda")]
+impl CudaCall {
+    fn read(
+        cfg: &Config,
+        c: usize,
+        like: (candle_core::DType, usize),
+        ln_weight: &Bound<'_, PyAny>,
+        ln_bias: &Bound<'_, PyAny>,
+        fc_weight: &Bound<'_, PyAny>,
+        fc_bias: &Bound<'_, PyAny>,
+    ) -> PyResult<Self> {
+        use super::dlpack::{input, shaped};
+        let lw = shaped(ln_weight, "ln_weight", like, &[cfg.num_filters, c])?;
+        let lb = shaped(ln_bias, "ln_bias", like, &[cfg.num_filters, c])?;
+        let fw = input(fc_weight, "fc_weight", Some(like))?;
+        let k = expect_rank("fc_weight", fw.dims(), 2, "[num_classes, C]")?[0];
+        expect_shape("fc_weight", fw.dims(), &[k, c])?;
+        let fb = shaped(fc_bias, "fc_bias", like, &[k])?;
+        let p = candle_ffc::Params {
+            ln_weight: (*lw).clone(),
+            ln_bias: (*lb).clone(),
+            fc_weight: (*fw).clone(),
+            fc_bias: (*fb).clone(),
+        };
+        Ok(CudaCall { p, k, _held: vec![lw, lb, fw, fb] })
+    }
+}
+
+/// `(x viewed as [N, C, HW], N, C, HW)` of a CUDA input.
+#[cfg(feature = "cuda")]
+fn cuda_features(x: &super::dlpack::CudaIn) -> PyResult<(candle_core::Tensor, usize, usize, usize)> {
+    let (n, c, hw) = input_dims(x.dims())?;
+    Ok((x.reshape((n, c, hw)).map_err(super::dlpack::candle_err)?, n, c, hw))
+}
+
+#[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
+fn forward_cuda<'py>(
+    x: &Bound<'py, PyAny>,
+    cfg: &Config,
+    ln_weight: &Bound<'py, PyAny>,
+    ln_bias: &Bound<'py, PyAny>,
+    fc_weight: &Bound<'py, PyAny>,
+    fc_bias: &Bound<'py, PyAny>,
+    outputs: Outputs,
+) -> PyResult<Bound<'py, PyTuple>> {
+    use super::dlpack::{self, run};
+    let py = x.py();
+    let xa = dlpack::input(x, "x", None)?;
+    let map = xa.dims().len() == 4;
+    let (x3, n, c, _) = cuda_features(&xa)?;
+    let call = CudaCall::read(cfg, c, xa.like(), ln_weight, ln_bias, fc_weight, fc_bias)?;
+    let (out, pooled) = run(py, xa.device(), || {
+        let pooled = candle::gap(&x3)?;
+        Ok((candle_ffc::forward(cfg, &pooled, &call.p, outputs)?, pooled))
+    })?;
+    let out_shape = match outputs {
+        Outputs::Ensemble => vec![n, call.k],
+        Outputs::All => vec![cfg.num_outputs(), n, call.k],
+    };
+    let id = xa.device_id;
+    let pooled = if map { dlpack::output(py, pooled, &[n, c], id)? } else { dlpack::output(py, dlpack::empty(&out)?, &[0], id)? };
+    tuple(py, vec![dlpack::output(py, out, &out_shape, id)?, pooled])
+}
+
+#[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
+fn backward_cuda<'py>(
+    grad_out: &Bound<'py, PyAny>,
+    cfg: &Config,
+    pooled: &Bound<'py, PyAny>,
+    ln_weight: &Bound<'py, PyAny>,
+    ln_bias: &Bound<'py, PyAny>,
+    fc_weight: &Bound<'py, PyAny>,
+    fc_bias: &Bound<'py, PyAny>,
+    hw: usize,
+    outputs: Outputs,
+) -> PyResult<Bound<'py, PyTuple>> {
+    use super::dlpack::{self, run};
+    let py = grad_out.py();
+    let go = dlpack::input(grad_out, "grad_out", None)?;
+    let f0 = dlpack::input(pooled, "pooled", Some(go.like()))?;
+    let fshape = expect_rank("pooled", f0.dims(), 2, "[N, C]")?;
+    let (n, c) = (fshape[0], fshape[1]);
+    let call = CudaCall::read(cfg, c, go.like(), ln_weight, ln_bias, fc_weight, fc_bias)?;
+    let want = match outputs {
+        Outputs::Ensemble => vec![n, call.k],
+        Outputs::All => vec![cfg.num_outputs(), n, call.k],
+    };
+    expect_shape("grad_out", go.dims(), &want)?;
+    if hw == 0 {
+        return Err(PyValueError::new_err("hw: expected H*W >= 1, got 0"));
+    }
+    let g = run(py, go.device(), || {
+        let g = candle_ffc::backward(cfg, &go, &call.p, &f0, outputs)?;
+        Ok(candle_ffc::Grads { x: g.x.affine(1.0 / hw as f64, 0.0)?, ..g })
+    })?;
+    let (id, nf, k) = (go.device_id, cfg.num_filters, call.k);
+    tuple(
+        py,
+        vec![
+            dlpack::output(py, g.x, &[n, c], id)?,
+            dlpack::output(py, g.ln_weight, &[nf, c], id)?,
+            dlpack::output(py, g.ln_bias, &[nf, c], id)?,
+            dlpack::output(py, g.fc_weight, &[k, c], id)?,
+            dlpack::output(py, g.fc_bias, &[k], id)?,
+        ],
+    )
+}
+
+#[cfg(feature = "cuda")]
+fn vote_cuda<'py>(
+    x: &Bound<'py, PyAny>,
+    cfg: &Config,
+    ln_weight: &Bound<'py, PyAny>,
+    ln_bias: &Bound<'py, PyAny>,
+    fc_weight: &Bound<'py, PyAny>,
+    fc_bias: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
+    use super::dlpack::{self, run};
+    let py = x.py();
+    let xa = dlpack::input(x, "x", None)?;
+    let (x3, n, c, _) = cuda_features(&xa)?;
+    let call = CudaCall::read(cfg, c, xa.like(), ln_weight, ln_bias, fc_weight, fc_bias)?;
+    let scores = run(py, xa.device(), || candle_ffc::vote(cfg, &candle::gap(&x3)?, &call.p))?;
+    dlpack::output(py, scores, &[n, call.k], xa.device_id)
 }

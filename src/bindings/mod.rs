@@ -6,6 +6,8 @@
 mod ab;
 mod afi;
 mod array;
+#[cfg(feature = "cuda")]
+mod dlpack;
 mod ffc;
 mod ssm;
 
@@ -47,14 +49,17 @@ fn pool() -> PyResult<Arc<ThreadPool>> {
 /// expected) becomes a `RuntimeError` instead of crossing the FFI boundary.
 pub(crate) fn compute<R: Send>(py: Python<'_>, f: impl FnOnce() -> R + Send) -> PyResult<R> {
     let pool = pool()?;
-    py.detach(move || pool.install(|| catch_unwind(AssertUnwindSafe(f)))).map_err(|panic| {
-        let msg = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".into());
-        PyRuntimeError::new_err(format!("cnnboost internal error (please report it): {msg}"))
-    })
+    py.detach(move || pool.install(|| catch_unwind(AssertUnwindSafe(f)))).map_err(panic_error)
+}
+
+/// A caught panic as a `RuntimeError`.
+pub(crate) fn panic_error(panic: Box<dyn std::any::Any + Send>) -> PyErr {
+    let msg = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    PyRuntimeError::new_err(format!("cnnboost internal error (please report it): {msg}"))
 }
 
 /// Kernel errors as Python exceptions: wrong element types are `TypeError`s, every
@@ -153,6 +158,7 @@ fn _panic_in_kernel(py: Python<'_>, message: String) -> PyResult<()> {
 }
 
 #[pymodule]
+#[cfg_attr(feature = "cuda", pyo3(name = "cnnboost_cuda"))]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;

@@ -343,7 +343,7 @@ impl Ssm {
                 running_vars,
                 training,
                 outputs
-            )
+            ) | forward_cuda
         )
     }
 
@@ -376,7 +376,169 @@ impl Ssm {
             backward_t(
                 self, pooled, mean, invstd, fc_weights, fc_biases, bn_weights, bn_biases, hw, training,
                 outputs
-            )
+            ) | backward_cuda
         )
     }
+}
+
+/// The CUDA parameters of one call: candle heads over the arguments held in `_held`.
+#[cfg(feature = "cuda")]
+struct CudaParams {
+    heads: Vec<candle_ssm::Head>,
+    k: usize,
+    _held: Vec<super::dlpack::CudaIn>,
+}
+
+#[cfg(feature = "cuda")]
+impl CudaParams {
+    #[allow(clippy::too_many_arguments)]
+    fn read(
+        m: &Ssm,
+        split: usize,
+        like: (candle_core::DType, usize),
+        fc_weights: &Bound<'_, PyAny>,
+        fc_biases: &Bound<'_, PyAny>,
+        bn_weights: &Bound<'_, PyAny>,
+        bn_biases: &Bound<'_, PyAny>,
+        running: Option<(&Bound<'_, PyAny>, &Bound<'_, PyAny>)>,
+    ) -> PyResult<Self> {
+        use super::dlpack::{input, shaped, CudaIn};
+        let (g, hn) = (m.num_heads, m.normalised());
+        let heads_doc = format!("one per head: num_heads = {g}");
+        let normed = format!("one per normalised head: {hn}");
+        let list = |obj: &Bound<'_, PyAny>, arg: &str, len: usize, what: &str, shape: &dyn Fn(usize) -> Vec<usize>| -> PyResult<Vec<CudaIn>> {
+            items(obj, arg, len, what)?
+                .iter()
+                .enumerate()
+                .map(|(h, item)| shaped(item, &format!("{arg}[{h}]"), like, &shape(h)))
+                .collect()
+        };
+        let first = items(fc_weights, "fc_weights", g, &heads_doc)?;
+        let k = expect_rank("fc_weights[0]", input(&first[0], "fc_weights[0]", Some(like))?.dims(), 2, "[num_classes, C / num_heads]")?[0];
+        let width = |h: usize| vec![(h + 1) * split];
+        let fw = list(fc_weights, "fc_weights", g, &heads_doc, &|h| vec![k, (h + 1) * split])?;
+        let fb = list(fc_biases, "fc_biases", g, &heads_doc, &|_| vec![k])?;
+        let bw = list(bn_weights, "bn_weights", hn, &normed, &width)?;
+        let bb = list(bn_biases, "bn_biases", hn, &normed, &width)?;
+        let (rm, rv) = match running {
+            Some((means, vars)) => (list(means, "running_means", hn, &normed, &width)?, list(vars, "running_vars", hn, &normed, &width)?),
+            // The backward reads the saved statistics; the running ones are unused.
+            None => (Vec::new(), Vec::new()),
+        };
+        let heads = (0..g)
+            .map(|h| candle_ssm::Head {
+                fc_weight: (*fw[h]).clone(),
+                fc_bias: (*fb[h]).clone(),
+                bn: (h < hn).then(|| candle_ssm::BnParams {
+                    weight: (*bw[h]).clone(),
+                    bias: (*bb[h]).clone(),
+                    running_mean: rm.get(h).map_or_else(|| (*bw[h]).clone(), |t| (**t).clone()),
+                    running_var: rv.get(h).map_or_else(|| (*bw[h]).clone(), |t| (**t).clone()),
+                }),
+            })
+            .collect();
+        let held = fw.into_iter().chain(fb).chain(bw).chain(bb).chain(rm).chain(rv).collect();
+        Ok(CudaParams { heads, k, _held: held })
+    }
+}
+
+#[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
+fn forward_cuda<'py>(
+    x: &Bound<'py, PyAny>,
+    m: &Ssm,
+    fc_weights: &Bound<'py, PyAny>,
+    fc_biases: &Bound<'py, PyAny>,
+    bn_weights: &Bound<'py, PyAny>,
+    bn_biases: &Bound<'py, PyAny>,
+    running_means: &Bound<'py, PyAny>,
+    running_vars: &Bound<'py, PyAny>,
+    training: bool,
+    outputs: Outputs,
+) -> PyResult<Bound<'py, PyTuple>> {
+    use super::dlpack::{self, run};
+    let py = x.py();
+    let xa = dlpack::input(x, "x", None)?;
+    let map = xa.dims().len() == 4;
+    let (n, c, hw) = input_dims(xa.dims())?;
+    let split = split_of("x", xa.dims(), c, m.num_heads)?;
+    let p = CudaParams::read(m, split, xa.like(), fc_weights, fc_biases, bn_weights, bn_biases, Some((running_means, running_vars)))?;
+    let cfg = m.config(p.k, training, outputs);
+    if training && m.normalised() > 0 && n < 2 {
+        return Err(PyValueError::new_err(format!(
+            "x: expected more than 1 value per channel when training (batch size >= 2), got batch size {n}"
+        )));
+    }
+    let (f, pooled) = run(py, xa.device(), || {
+        let pooled = candle::gap(&xa.reshape((n, c, hw))?)?;
+        Ok((candle_ssm::forward(&cfg, &pooled, &p.heads)?, pooled))
+    })?;
+    let id = xa.device_id;
+    let var = match f.var_unbiased {
+        Some(v) => v,
+        None => dlpack::empty(&f.out)?,
+    };
+    let (len, var_len) = (f.mean.dims()[0], var.dims()[0]);
+    let pooled = if map { dlpack::output(py, pooled, &[n, c], id)? } else { dlpack::output(py, dlpack::empty(&f.out)?, &[0], id)? };
+    tuple(
+        py,
+        vec![
+            dlpack::output(py, f.out, &cfg.out_shape(n), id)?,
+            dlpack::output(py, f.mean, &[len], id)?,
+            dlpack::output(py, f.invstd, &[len], id)?,
+            dlpack::output(py, var, &[var_len], id)?,
+            pooled,
+        ],
+    )
+}
+
+#[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
+fn backward_cuda<'py>(
+    grad_out: &Bound<'py, PyAny>,
+    m: &Ssm,
+    pooled: &Bound<'py, PyAny>,
+    mean: &Bound<'py, PyAny>,
+    invstd: &Bound<'py, PyAny>,
+    fc_weights: &Bound<'py, PyAny>,
+    fc_biases: &Bound<'py, PyAny>,
+    bn_weights: &Bound<'py, PyAny>,
+    bn_biases: &Bound<'py, PyAny>,
+    hw: usize,
+    training: bool,
+    outputs: Outputs,
+) -> PyResult<Bound<'py, PyTuple>> {
+    use super::dlpack::{self, run, shaped};
+    let py = grad_out.py();
+    let go = dlpack::input(grad_out, "grad_out", None)?;
+    let like = go.like();
+    let feats = dlpack::input(pooled, "pooled", Some(like))?;
+    let shape = expect_rank("pooled", feats.dims(), 2, "[N, C]")?.to_vec();
+    let (n, c) = (shape[0], shape[1]);
+    let split = split_of("pooled", &shape, c, m.num_heads)?;
+    let p = CudaParams::read(m, split, like, fc_weights, fc_biases, bn_weights, bn_biases, None)?;
+    let cfg = m.config(p.k, training, outputs);
+    let len = ssm::stats_len(&cfg, c);
+    let mu = shaped(mean, "mean", like, &[len])?;
+    let rs = shaped(invstd, "invstd", like, &[len])?;
+    expect_shape("grad_out", go.dims(), &cfg.out_shape(n))?;
+    if hw == 0 {
+        return Err(PyValueError::new_err("hw: expected H*W >= 1, got 0"));
+    }
+    let g = run(py, go.device(), || {
+        let g = candle_ssm::backward(&cfg, &go, &feats, &p.heads, &mu, &rs)?;
+        Ok(candle_ssm::Grads { x: g.x.affine(1.0 / hw as f64, 0.0)?, ..g })
+    })?;
+    let (id, k) = (go.device_id, p.k);
+    let (mut gw, mut gb, mut gbw, mut gbb) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (h, hg) in g.heads.into_iter().enumerate() {
+        let w = (h + 1) * split;
+        gw.push(dlpack::output(py, hg.fc_weight, &[k, w], id)?);
+        gb.push(dlpack::output(py, hg.fc_bias, &[k], id)?);
+        if let (Some(bw), Some(bb)) = (hg.bn_weight, hg.bn_bias) {
+            gbw.push(dlpack::output(py, bw, &[w], id)?);
+            gbb.push(dlpack::output(py, bb, &[w], id)?);
+        }
+    }
+    tuple(py, vec![dlpack::output(py, g.x, &[n, c], id)?, list(py, gw)?, list(py, gb)?, list(py, gbw)?, list(py, gbb)?])
 }

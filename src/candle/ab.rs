@@ -74,7 +74,7 @@ pub fn forward(cfg: &Config, x: &Tensor, p: &Params, running: (&Tensor, &Tensor)
         let s = batch_stats(&t, cfg.eps)?;
         (s.mean, s.invstd, Some(s.var_unbiased))
     } else {
-        (running.0.clone(), (running.1 + cfg.eps)?.sqrt()?.recip()?, None)
+        (running.0.copy()?, (running.1 + cfg.eps)?.sqrt()?.recip()?, None)
     };
     let g = sigmoid(&batch_norm(&t, Some((&mean, &invstd)), cfg.eps, &p.bn_weight, &p.bn_bias)?)?;
     let out = scale_planes(x, &g)?;

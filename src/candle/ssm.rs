@@ -112,7 +112,7 @@ pub fn forward(cfg: &Config, x: &Tensor, heads: &[Head]) -> CResult<Forward> {
             invstd.push(s.invstd);
             var.push(s.var_unbiased);
         } else {
-            mean.push(bn.running_mean.clone());
+            mean.push(bn.running_mean.copy()?);
             invstd.push((&bn.running_var + cfg.eps)?.sqrt()?.recip()?);
         }
     }

@@ -1,0 +1,81 @@
+"""CUDA: the candle implementation on the GPU against the torch reference on the GPU
+(`pytest -m cuda`; skipped without a GPU and the CUDA build, `cnnboost-cuda`), and the
+errors a CPU-only installation gives for CUDA tensors (run everywhere)."""
+
+import importlib.util
+
+import pytest
+import torch
+
+import cnnboost
+from cnnboost import _core, reference
+from harness import compare, twins
+
+HAS_CUDA_BUILD = importlib.util.find_spec("cnnboost_cuda") is not None
+needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_CUDA_BUILD),
+                               reason="needs a GPU and the CUDA build (cnnboost-cuda)")
+
+CASES = {
+    "ffc": (cnnboost.FFC, reference.FFC, (12, 5), {}, lambda d: [torch.randn(6, 12, 3, 3, **d, requires_grad=True)]),
+    "ffc-vote": (cnnboost.FFC, reference.FFC, (12, 5), {}, lambda d: [torch.randn(6, 12, **d, requires_grad=True)]),
+    "ssm": (cnnboost.SSM, reference.SSM, (12, 5), {}, lambda d: [torch.randn(6, 12, 2, 2, **d, requires_grad=True)]),
+    "ab": (cnnboost.AB, reference.AB, (8,), {}, lambda d: [torch.randn(4, 8, 5, 5, **d, requires_grad=True)]),
+    "ab-plus": (cnnboost.AB, reference.AB, (8,), {"groups": 1}, lambda d: [torch.randn(4, 8, 5, 5, **d, requires_grad=True)]),
+    "afi": (cnnboost.AFI, reference.AFI, (8,), {}, None),
+}
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_cuda_matches_the_reference_on_cuda(name, train, dtype):
+    fast_cls, ref_cls, args, kwargs, make = CASES[name]
+    fast, ref = twins(fast_cls, ref_cls, *args, dtype=dtype, **kwargs)
+    fast, ref = fast.cuda(), ref.cuda()
+    d = {"dtype": dtype, "device": "cuda"}
+    if name == "afi":
+        inputs = lambda: [[torch.randn(3, 8, 4, 4, **d, requires_grad=True) for _ in range(3)]]  # noqa: E731
+        compare(fast, ref, inputs, train=train, call=lambda m, i: m(i[0]))
+    else:
+        compare(fast, ref, lambda: make(d), train=train)
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_cuda_results_stay_on_the_gpu_and_keep_running_stats():
+    fast, ref = twins(cnnboost.AB, reference.AB, 8)
+    fast, ref = fast.cuda(), ref.cuda()
+    x = torch.randn(4, 8, 5, 5, device="cuda")
+    out = fast(x)
+    ref(x)
+    assert out.device == x.device
+    torch.testing.assert_close(fast.bn.running_mean, ref.bn.running_mean)
+    torch.testing.assert_close(fast.bn.running_var, ref.bn.running_var)
+
+
+class FakeCudaArray:
+    """Looks like a CUDA tensor to DLPack consumers, without a GPU."""
+
+    def __dlpack_device__(self):
+        return (2, 0)
+
+    def __dlpack__(self, stream=None):
+        raise AssertionError("a CPU-only build must not try to read it")
+
+
+@pytest.mark.skipif(HAS_CUDA_BUILD, reason="checks the CPU-only build")
+def test_cpu_only_core_names_the_cuda_build_for_cuda_arrays():
+    with pytest.raises(TypeError, match=r"x: expected an array in CPU memory.*cnnboost-cuda"):
+        _core.AB(4).forward(FakeCudaArray(), None, None, None, None, None, None, True)
+
+
+@pytest.mark.skipif(HAS_CUDA_BUILD, reason="checks the CPU-only build")
+@pytest.mark.parametrize("name", ["ffc", "ssm", "ab"])
+def test_cpu_only_modules_reject_other_devices_clearly(name):
+    fast_cls, _, args, kwargs, make = CASES[name]
+    module = fast_cls(*args, **kwargs)
+    (x,) = make({"dtype": torch.float32, "device": "meta"})
+    with pytest.raises(ValueError, match=r"x: expected a tensor on the CPU, got one on meta .*CUDA build"):
+        module(x)
