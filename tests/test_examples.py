@@ -5,6 +5,7 @@ import json
 import pathlib
 
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -69,3 +70,21 @@ def test_demo_rejects_a_missing_folder():
 
     with pytest.raises(SystemExit, match="--data"):
         demo.main(["--data", "/no/such/dir"])
+
+
+def test_demo_rejects_a_device_it_cannot_use():
+    from cnnboost import demo
+
+    with pytest.raises(SystemExit):
+        demo.main(["--device", "tpu", "--epochs", "1"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            demo.main(["--device", "cuda", "--epochs", "1"])
+
+
+@pytest.mark.cuda
+def test_demo_trains_on_cuda(capsys, tmp_path):
+    from cnnboost import demo
+
+    demo.main(["--device", "cuda", "--epochs", "1", "--variants", "all", "--plot", ""])
+    assert "all" in capsys.readouterr().out

@@ -10,6 +10,7 @@ accuracy and time per epoch for each, and plot the learning curves.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import time
 from typing import Callable, Dict
 
@@ -130,10 +131,11 @@ def variants(in_channels: int = 1, classes: int = 10) -> Dict[str, Callable[[], 
 VARIANTS = variants()
 
 
-def run(name: str, make: Callable[[], nn.Module], data, epochs: int, seed: int, batch: int = 64):
+def run(name: str, make: Callable[[], nn.Module], data, epochs: int, seed: int, batch: int = 64,
+        device: str = "cpu"):
     torch.manual_seed(seed)
-    model = make()
-    train_x, train_y, test_x, test_y = data
+    model = make().to(device)
+    train_x, train_y, test_x, test_y = (t.to(device) for t in data)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     loss_fn = nn.CrossEntropyLoss()
@@ -149,7 +151,7 @@ def run(name: str, make: Callable[[], nn.Module], data, epochs: int, seed: int, 
     for _ in epoch_iter:
         model.train()
         start = time.perf_counter()
-        perm = torch.randperm(len(train_x))
+        perm = torch.randperm(len(train_x), device=train_x.device)
         total, batches = 0.0, 0
         for i in range(0, len(train_x), batch):
             idx = perm[i:i + batch]
@@ -161,6 +163,8 @@ def run(name: str, make: Callable[[], nn.Module], data, epochs: int, seed: int, 
             opt.step()
             total, batches = total + loss.item(), batches + 1
         sched.step()
+        if train_x.is_cuda:
+            torch.cuda.synchronize()
         seconds += time.perf_counter() - start
         curve.append(total / max(batches, 1))
     model.eval()
@@ -200,7 +204,14 @@ def main(argv=None) -> None:
     parser.add_argument("--plot", default="cnnboost_demo.png", help="PNG of the learning curves ('' for none)")
     parser.add_argument("--data", default=None,
                         help="a CIFAR-10 (python version) or ImageFolder directory instead of the digits")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, or cuda (needs a GPU and the CUDA build, cnnboost-cuda: README, 'CUDA')")
     args = parser.parse_args(argv)
+    if args.device != "cpu":
+        if not (args.device.startswith("cuda") and torch.cuda.is_available()):
+            parser.error(f"--device: expected cpu, or cuda on a machine with a CUDA GPU, got {args.device!r}")
+        if importlib.util.find_spec("cnnboost_cuda") is None:
+            parser.error("--device cuda: the CUDA build of cnnboost is not installed (README, 'CUDA')")
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in names:
         if v not in VARIANTS:
@@ -209,11 +220,12 @@ def main(argv=None) -> None:
     models = variants(data[0].shape[1], int(max(data[1].max(), data[3].max())) + 1)
     print(f"{args.data or 'digits'}: {len(data[0])} train / {len(data[2])} test images "
           f"{tuple(data[0].shape[1:])}, {args.epochs} epochs, "
-          f"{torch.get_num_threads()} threads, cnnboost {cnnboost.__version__}")
+          f"{args.device if args.device != 'cpu' else f'{torch.get_num_threads()} threads'}, "
+          f"cnnboost {cnnboost.__version__}")
     print(f"{'variant':<10} {'test acc':>9} {'s/epoch':>9}")
     curves = {}
     for v in names:
-        acc, sec, curves[v] = run(v, models[v], data, args.epochs, args.seed)
+        acc, sec, curves[v] = run(v, models[v], data, args.epochs, args.seed, device=args.device)
         print(f"{v:<10} {acc:>9.4f} {sec:>9.3f}")
     if args.plot:
         if plot(curves, args.plot):
