@@ -297,12 +297,11 @@ fn forward_cuda<'py>(
     let cfg = ab.config(training);
     let dev = xa.device().clone();
     let f = run(py, &dev, || candle_ab::forward(&cfg, &xa.reshape((n, c, hw))?, &p.params, (&rm, &rv)))?;
-    let var = match f.var_unbiased {
-        Some(v) => v,
-        None => dlpack::empty(&f.mean)?,
-    };
-    let var_len = var.dims()[0];
     let id = xa.device_id;
+    let var = match f.var_unbiased {
+        Some(v) => dlpack::output(py, v, &[c], id)?,
+        None => dlpack::empty_output(py, like.0, id)?,
+    };
     tuple(
         py,
         vec![
@@ -310,7 +309,7 @@ fn forward_cuda<'py>(
             dlpack::output(py, f.pooled, &[n, c], id)?,
             dlpack::output(py, f.mean, &[c], id)?,
             dlpack::output(py, f.invstd, &[c], id)?,
-            dlpack::output(py, var, &[var_len], id)?,
+            var,
         ],
     )
 }
@@ -353,17 +352,17 @@ fn backward_cuda<'py>(
     let g = run(py, &dev, || {
         candle_ab::backward(&cfg, &go.reshape(dims)?, &xa.reshape(dims)?, &p.params, &y, &mu, &is)
     })?;
+    let (id, cg) = (xa.device_id, c / ab.groups);
     let bias = match g.conv_bias {
-        Some(b) => b,
-        None => dlpack::empty(&g.bn_bias)?,
+        Some(b) => dlpack::output(py, b, &[c], id)?,
+        None => dlpack::empty_output(py, like.0, id)?,
     };
-    let (id, cg, bias_len) = (xa.device_id, c / ab.groups, bias.dims()[0]);
     tuple(
         py,
         vec![
             dlpack::output(py, g.x, &shape, id)?,
             dlpack::output(py, g.conv_weight, &[c, cg, 1, 1], id)?,
-            dlpack::output(py, bias, &[bias_len], id)?,
+            bias,
             dlpack::output(py, g.bn_weight, &[c], id)?,
             dlpack::output(py, g.bn_bias, &[c], id)?,
         ],

@@ -362,23 +362,23 @@ fn backward_cuda<'py>(
     let g = run(py, go.device(), || candle_afi::backward(&go.reshape(dims)?, &views, &scorer.p, &zs, &ws))?;
     let id = like.1;
     let grads_x = g.xs.into_iter().map(|gx| dlpack::output(py, gx, &shape, id)).collect::<PyResult<Vec<_>>>()?;
+    let h = afi.hidden;
     let b1 = match g.fc1_bias {
-        Some(b) => b,
-        None => dlpack::empty(&g.fc1_weight)?,
+        Some(b) => dlpack::output(py, b, &[h], id)?,
+        None => dlpack::empty_output(py, like.0, id)?,
     };
     let b2 = match g.fc2_bias {
-        Some(b) => b,
-        None => dlpack::empty(&g.fc2_weight)?,
+        Some(b) => dlpack::output(py, b, &[c], id)?,
+        None => dlpack::empty_output(py, like.0, id)?,
     };
-    let (l1, l2, h) = (b1.dims()[0], b2.dims()[0], afi.hidden);
     tuple(
         py,
         vec![
             list(py, grads_x)?,
             dlpack::output(py, g.fc1_weight, &[h, c], id)?,
-            dlpack::output(py, b1, &[l1], id)?,
+            b1,
             dlpack::output(py, g.fc2_weight, &[c, h], id)?,
-            dlpack::output(py, b2, &[l2], id)?,
+            b2,
         ],
     )
 }

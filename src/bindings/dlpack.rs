@@ -242,10 +242,6 @@ pub fn candle_err(e: candle_core::Error) -> PyErr {
     PyRuntimeError::new_err(format!("cnnboost CUDA: {e}"))
 }
 
-/// An empty result (an absent bias's gradient, eval's variance) on `like`'s device.
-pub fn empty(like: &Tensor) -> PyResult<Tensor> {
-    Tensor::zeros(0, like.dtype(), like.device()).map_err(candle_err)
-}
 
 /// Checks the shape of a CUDA argument.
 pub fn expect_shape(arg: &str, t: &Tensor, expected: &[usize]) -> PyResult<()> {
@@ -253,8 +249,8 @@ pub fn expect_shape(arg: &str, t: &Tensor, expected: &[usize]) -> PyResult<()> {
 }
 
 unsafe extern "C" fn delete_output(m: *mut DLManagedTensor) {
-    // SAFETY: manager_ctx is the Box<(Tensor, Vec<i64>)> made in `output`.
-    drop(Box::from_raw((*m).manager_ctx as *mut (Tensor, Vec<i64>)));
+    // SAFETY: manager_ctx is the Box<(Option<Tensor>, Vec<i64>)> made in `capsule`.
+    drop(Box::from_raw((*m).manager_ctx as *mut (Option<Tensor>, Vec<i64>)));
     drop(Box::from_raw(m));
 }
 
@@ -289,14 +285,35 @@ pub fn output<'py>(py: Python<'py>, t: Tensor, shape: &[usize], device_id: usize
         };
         base + layout.start_offset() as u64 * size
     };
+    capsule(py, Some(t), ptr as *mut c_void, code_bits, shape, device_id)
+}
+
+/// An empty `[0]` result (an absent bias's gradient, eval's variance) of `dtype` on
+/// CUDA device `device_id`: no allocation (CUDA refuses zero-byte ones), a null
+/// data pointer, as DLPack allows for no elements.
+pub fn empty_output<'py>(py: Python<'py>, dtype: DType, device_id: usize) -> PyResult<Bound<'py, PyAny>> {
+    let bits = if dtype == DType::F32 { 32 } else { 64 };
+    capsule(py, None, std::ptr::null_mut(), bits, &[0], device_id)
+}
+
+/// A "dltensor" capsule over `data`, owning `t` (which owns the memory) until torch
+/// releases it.
+fn capsule<'py>(
+    py: Python<'py>,
+    t: Option<Tensor>,
+    data: *mut c_void,
+    bits: u8,
+    shape: &[usize],
+    device_id: usize,
+) -> PyResult<Bound<'py, PyAny>> {
     let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
     let mut ctx = Box::new((t, dims));
     let managed = Box::new(DLManagedTensor {
         dl_tensor: DLTensor {
-            data: ptr as *mut c_void,
+            data,
             device: DLDevice { device_type: KDL_CUDA, device_id: device_id as i32 },
             ndim: shape.len() as i32,
-            dtype: DLDataType { code: KDL_FLOAT, bits: code_bits, lanes: 1 },
+            dtype: DLDataType { code: KDL_FLOAT, bits, lanes: 1 },
             shape: ctx.1.as_mut_ptr(),
             strides: std::ptr::null_mut(),
             byte_offset: 0,

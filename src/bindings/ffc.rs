@@ -335,7 +335,7 @@ fn forward_cuda<'py>(
         Outputs::All => vec![cfg.num_outputs(), n, call.k],
     };
     let id = xa.device_id;
-    let pooled = if map { dlpack::output(py, pooled, &[n, c], id)? } else { dlpack::output(py, dlpack::empty(&out)?, &[0], id)? };
+    let pooled = if map { dlpack::output(py, pooled, &[n, c], id)? } else { dlpack::empty_output(py, xa.dtype(), id)? };
     tuple(py, vec![dlpack::output(py, out, &out_shape, id)?, pooled])
 }
 

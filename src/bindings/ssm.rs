@@ -473,20 +473,23 @@ fn forward_cuda<'py>(
         let pooled = candle::gap(&xa.reshape((n, c, hw))?)?;
         Ok((candle_ssm::forward(&cfg, &pooled, &p.heads)?, pooled))
     })?;
-    let id = xa.device_id;
-    let var = match f.var_unbiased {
-        Some(v) => v,
-        None => dlpack::empty(&f.out)?,
+    let (id, dtype) = (xa.device_id, xa.dtype());
+    let stats = |t: Option<candle_core::Tensor>| match t {
+        Some(t) => {
+            let len = t.dims()[0];
+            dlpack::output(py, t, &[len], id)
+        }
+        None => dlpack::empty_output(py, dtype, id),
     };
-    let (len, var_len) = (f.mean.dims()[0], var.dims()[0]);
-    let pooled = if map { dlpack::output(py, pooled, &[n, c], id)? } else { dlpack::output(py, dlpack::empty(&f.out)?, &[0], id)? };
+    let (mean, invstd, var) = (stats(f.mean)?, stats(f.invstd)?, stats(f.var_unbiased)?);
+    let pooled = if map { dlpack::output(py, pooled, &[n, c], id)? } else { dlpack::empty_output(py, dtype, id)? };
     tuple(
         py,
         vec![
             dlpack::output(py, f.out, &cfg.out_shape(n), id)?,
-            dlpack::output(py, f.mean, &[len], id)?,
-            dlpack::output(py, f.invstd, &[len], id)?,
-            dlpack::output(py, var, &[var_len], id)?,
+            mean,
+            invstd,
+            var,
             pooled,
         ],
     )

@@ -27,11 +27,13 @@ pub struct Head {
 }
 
 /// What the forward returns (see `kernels::ssm::Forward`): the statistics of the
-/// normalised heads concatenated; `var_unbiased` is `None` in eval.
+/// normalised heads concatenated (`None` when no head is normalised: an empty
+/// tensor would be a zero-byte allocation, which CUDA refuses); `var_unbiased` is
+/// also `None` in eval.
 pub struct Forward {
     pub out: Tensor,
-    pub mean: Tensor,
-    pub invstd: Tensor,
+    pub mean: Option<Tensor>,
+    pub invstd: Option<Tensor>,
     pub var_unbiased: Option<Tensor>,
 }
 
@@ -91,12 +93,12 @@ fn logits(
     }
 }
 
-/// Concatenates per-head statistics (an empty vector when no head is normalised).
-fn concat(parts: Vec<Tensor>, x: &Tensor) -> CResult<Tensor> {
+/// Concatenates per-head statistics (`None` when no head is normalised).
+fn concat(parts: Vec<Tensor>) -> CResult<Option<Tensor>> {
     if parts.is_empty() {
-        Tensor::zeros(0, x.dtype(), x.device())
+        Ok(None)
     } else {
-        Tensor::cat(&parts, 0)
+        Tensor::cat(&parts, 0).map(Some)
     }
 }
 
@@ -119,8 +121,8 @@ pub fn forward(cfg: &Config, x: &Tensor, heads: &[Head]) -> CResult<Forward> {
     let (list, starts) = param_list(heads);
     let p: Vec<Tensor> = list.into_iter().cloned().collect();
     let out = logits(cfg, x, &p, &starts, &|h| Ok(Some((mean[h].clone(), invstd[h].clone()))))?;
-    let var_unbiased = if cfg.training { Some(concat(var, x)?) } else { None };
-    Ok(Forward { out, mean: concat(mean, x)?, invstd: concat(invstd, x)?, var_unbiased })
+    let var_unbiased = if cfg.training { concat(var)? } else { None };
+    Ok(Forward { out, mean: concat(mean)?, invstd: concat(invstd)?, var_unbiased })
 }
 
 /// The backward from `grad_out` (the forward's output shape), `x` and the saved
@@ -187,8 +189,8 @@ pub fn forward_host<T: Float>(cfg: &Config, x: &[T], n: usize, c: usize, heads: 
     let f = forward(cfg, &tensor(x, &[n, c], &dev)?, &heads_on(heads, cfg.num_classes, &dev)?).map_err(err)?;
     Ok(rayon_ssm::Forward {
         out: host(&f.out)?,
-        mean: host(&f.mean)?,
-        invstd: host(&f.invstd)?,
+        mean: f.mean.as_ref().map(host).transpose()?.unwrap_or_default(),
+        invstd: f.invstd.as_ref().map(host).transpose()?.unwrap_or_default(),
         var_unbiased: f.var_unbiased.as_ref().map(host).transpose()?.unwrap_or_default(),
     })
 }
