@@ -4,6 +4,11 @@ Every array argument is a NumPy array or any object with ``__dlpack__`` (a torch
 CPU tensor, …), float32 or float64, all of one dtype; it is read in place (only a
 layout that is not C-contiguous and aligned is copied first). Results are new NumPy
 arrays. Bad arguments raise ``ValueError``/``TypeError`` naming the argument.
+
+The CUDA build, module ``cnnboost_cuda`` (distribution ``cnnboost-cuda``), has the
+same classes and functions: given CUDA tensors (contiguous, one dtype, one device) it
+reads them in place and returns DLPack capsules (``torch.from_dlpack`` takes them
+without a copy) in place of NumPy arrays.
 """
 
 from typing import Any, List, Optional, Sequence, Tuple, Union
