@@ -127,3 +127,19 @@ def test_resident_memory_stays_flat_over_many_calls(name):
         step()
     grown = proc.memory_info().rss - before
     assert grown < 8 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB over 10,000 steps"
+
+
+EMPTY_BATCHES = {
+    "ffc-vote": (lambda: cnnboost.FFC(8, 3), lambda: torch.randn(0, 8), (0, 3)),
+    "ffc-mean": (lambda: cnnboost.FFC(8, 3, eval_ensemble="mean"), lambda: torch.randn(0, 8, 2, 2), (0, 3)),
+    "ssm": (lambda: cnnboost.SSM(8, 3), lambda: torch.randn(0, 8), (0, 3)),
+    "ab": (lambda: cnnboost.AB(4, groups=2), lambda: torch.randn(0, 4, 3, 3), (0, 4, 3, 3)),
+    "afi": (lambda: cnnboost.AFI(4), lambda: [torch.randn(0, 4, 3, 3) for _ in range(2)], (0, 4, 3, 3)),
+}
+
+
+@pytest.mark.usefixtures("each_backend")
+@pytest.mark.parametrize("name", EMPTY_BATCHES)
+def test_an_empty_eval_batch_gives_an_empty_result(name):
+    make, data, shape = EMPTY_BATCHES[name]
+    assert tuple(make().eval()(data()).shape) == shape

@@ -282,6 +282,7 @@ fn forward_cuda<'py>(
     let xa = dlpack::input(x, "x", None)?;
     let like = (xa.dtype(), xa.device_id);
     let shape = xa.dims().to_vec();
+    dlpack::expect_samples("x", &shape)?;
     let (n, hw) = ab.map_dims("x", &shape)?;
     let c = ab.channels;
     if training && n < 2 {
@@ -336,6 +337,7 @@ fn backward_cuda<'py>(
     let like = (go.dtype(), go.device_id);
     let xa = dlpack::input(x, "x", Some(like))?;
     let shape = xa.dims().to_vec();
+    dlpack::expect_samples("x", &shape)?;
     let (n, hw) = ab.map_dims("x", &shape)?;
     dlpack::expect_shape("grad_out", &go, &shape)?;
     let c = ab.channels;

@@ -257,6 +257,7 @@ fn cuda_maps(xs: &Bound<'_, PyAny>, channels: usize, like: Option<(candle_core::
         let arg = format!("xs[{i}]");
         let x = input(item, &arg, like.or_else(|| maps.first().map(|m| m.like())))?;
         let s = expect_rank(&arg, x.dims(), 4, "[N, C, H, W]")?.to_vec();
+        super::dlpack::expect_samples(&arg, &s)?;
         if i == 0 {
             if s[1] != channels {
                 return Err(PyValueError::new_err(format!("{arg}: expected {channels} channels in dim 1, got shape {}", fmt_shape(&s))));

@@ -230,6 +230,17 @@ pub fn optional(obj: Option<&Bound<'_, PyAny>>, arg: &str, like: (DType, usize))
     obj.map(|o| input(o, arg, Some(like))).transpose()
 }
 
+/// CUDA cannot allocate the zero-byte buffers an empty batch needs: a clear error.
+pub fn expect_samples(arg: &str, shape: &[usize]) -> PyResult<()> {
+    if shape.contains(&0) {
+        return Err(PyValueError::new_err(format!(
+            "{arg}: expected a non-empty array on CUDA (the CUDA path cannot allocate empty results), got shape {}",
+            fmt_shape(shape)
+        )));
+    }
+    Ok(())
+}
+
 /// A CUDA argument that must have `shape`.
 pub fn shaped(obj: &Bound<'_, PyAny>, arg: &str, like: (DType, usize), shape: &[usize]) -> PyResult<CudaIn> {
     let t = input(obj, arg, Some(like))?;

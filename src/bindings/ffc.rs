@@ -306,6 +306,7 @@ impl CudaCall {
 #[cfg(feature = "cuda")]
 fn cuda_features(x: &super::dlpack::CudaIn) -> PyResult<(candle_core::Tensor, usize, usize, usize)> {
     let (n, c, hw) = input_dims(x.dims())?;
+    super::dlpack::expect_samples("x", x.dims())?;
     Ok((x.reshape((n, c, hw)).map_err(super::dlpack::candle_err)?, n, c, hw))
 }
 
@@ -358,6 +359,7 @@ fn backward_cuda<'py>(
     let f0 = dlpack::input(pooled, "pooled", Some(go.like()))?;
     let fshape = expect_rank("pooled", f0.dims(), 2, "[N, C]")?;
     let (n, c) = (fshape[0], fshape[1]);
+    dlpack::expect_samples("pooled", fshape)?;
     let call = CudaCall::read(cfg, c, go.like(), ln_weight, ln_bias, fc_weight, fc_bias)?;
     let want = match outputs {
         Outputs::Ensemble => vec![n, call.k],

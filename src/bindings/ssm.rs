@@ -461,6 +461,7 @@ fn forward_cuda<'py>(
     let xa = dlpack::input(x, "x", None)?;
     let map = xa.dims().len() == 4;
     let (n, c, hw) = input_dims(xa.dims())?;
+    dlpack::expect_samples("x", xa.dims())?;
     let split = split_of("x", xa.dims(), c, m.num_heads)?;
     let p = CudaParams::read(m, split, xa.like(), fc_weights, fc_biases, bn_weights, bn_biases, Some((running_means, running_vars)))?;
     let cfg = m.config(p.k, training, outputs);
@@ -518,6 +519,7 @@ fn backward_cuda<'py>(
     let feats = dlpack::input(pooled, "pooled", Some(like))?;
     let shape = expect_rank("pooled", feats.dims(), 2, "[N, C]")?.to_vec();
     let (n, c) = (shape[0], shape[1]);
+    dlpack::expect_samples("pooled", &shape)?;
     let split = split_of("pooled", &shape, c, m.num_heads)?;
     let p = CudaParams::read(m, split, like, fc_weights, fc_biases, bn_weights, bn_biases, None)?;
     let cfg = m.config(p.k, training, outputs);

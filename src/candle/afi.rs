@@ -63,10 +63,12 @@ fn weights(z: &Tensor, p: &[Tensor], b1: Option<usize>, b2: Option<usize>) -> CR
     let zf = z.reshape((m * n, c))?;
     let hidden = linear(&zf, &p[0], b1.map(|i| &p[i]))?.relu()?;
     let s = linear(&hidden, &p[1], b2.map(|i| &p[i]))?.reshape((m, n, c))?;
-    // Softmax over the inputs; the shift is a constant for the gradient.
-    let e = s.broadcast_sub(&s.max_keepdim(0)?.detach())?.exp()?;
+    // Softmax over the inputs; the shift is a constant for the gradient (and there
+    // is nothing to shift, or to take the max of, in an empty batch).
+    let e = if s.elem_count() == 0 { s.exp()? } else { s.broadcast_sub(&s.max_keepdim(0)?.detach())?.exp()? };
     let w = e.broadcast_div(&e.sum_keepdim(0)?)?;
-    Ok((hidden.reshape((m, n, ()))?, w))
+    let h = hidden.dim(1)?;
+    Ok((hidden.reshape((m, n, h))?, w))
 }
 
 /// The forward of `xs`, each `[N, C, HW]`.

@@ -79,7 +79,10 @@ pub fn forward(cfg: &Config, f0: &Tensor, p: &Params, outputs: Outputs) -> CResu
 /// Eval-mode voting (`kernels::ffc::vote` documents the score): `[N, K]`.
 pub fn vote(cfg: &Config, f0: &Tensor, p: &Params) -> CResult<Tensor> {
     let outs = forward(cfg, f0, p, Outputs::All)?; // [J, N, K]
-    let (_, _, k) = outs.dims3()?;
+    let (_, n, k) = outs.dims3()?;
+    if n == 0 {
+        return outs.get(0); // [0, K]: no sample, nothing to vote (and no max of nothing)
+    }
     let dt = outs.dtype();
     let classes = Tensor::arange(0u32, k as u32, outs.device())?.reshape((1, 1, k))?;
     let ballots = outs.argmax_keepdim(2)?.broadcast_eq(&classes)?.to_dtype(dt)?; // [J, N, K]
