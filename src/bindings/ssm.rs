@@ -238,7 +238,7 @@ fn backward_t<'py, T: Element + Float>(
             // Average pooling hands each pixel of a plane 1/(H·W) of its gradient.
             if hw > 1 {
                 let div = T::of(hw as f64);
-                g.x.iter_mut().for_each(|v| *v = *v / div);
+                g.x.iter_mut().for_each(|v| *v /= div);
             }
             g
         })

@@ -123,7 +123,7 @@ fn conv<T: Float>(cfg: &Config, y: &[T], n: usize, p: &Params<T>) -> Vec<T> {
     if g == c {
         for (trow, yrow) in t.chunks_mut(c).zip(y.chunks(c)) {
             for ((tv, &yv), &w) in trow.iter_mut().zip(yrow).zip(p.conv_weight) {
-                *tv = *tv + w * yv;
+                *tv += w * yv;
             }
         }
     } else {

@@ -195,7 +195,7 @@ pub fn forward<T: Float>(xs: &[&[T]], n: usize, c: usize, hw: usize, p: &Params<
                     }
                 } else {
                     for (o, &v) in acc.iter_mut().zip(src) {
-                        *o = *o + w * v;
+                        *o += w * v;
                     }
                 }
             }
@@ -297,7 +297,7 @@ pub fn backward<T: Float>(
     let mut dz = matmul_new(Mat::new(&dh, mn, hidden), Mat::new(p.fc1_weight, hidden, c));
     let inv_hw = T::of(1.0 / hw as f64);
     for v in dz.iter_mut() {
-        *v = *v * inv_hw;
+        *v *= inv_hw;
     }
 
     // Pass 2: grad_X_i = s~_i · grad_R + dZ_i / HW, reading grad_R once for all i.

@@ -255,7 +255,7 @@ fn ensemble_feature<T: Float>(feats: &[T], d: Dims, a: &[f64]) -> Vec<T> {
     h.par_chunks_mut(c).zip(feats.par_chunks(lv * c)).for_each(|(hr, fs)| {
         for (l, &al) in a.iter().enumerate() {
             for (o, &v) in hr.iter_mut().zip(&fs[l * c..(l + 1) * c]) {
-                *o = *o + al * v;
+                *o += al * v;
             }
         }
     });
@@ -288,7 +288,7 @@ pub fn forward<T: Float>(cfg: &Config, d: Dims, x: &[T], p: &Params<T>, outputs:
                     for &(l, w) in &terms {
                         let prow = &pl[(i * lv + l) * k..(i * lv + l + 1) * k];
                         for (o, &v) in orow.iter_mut().zip(prow) {
-                            *o = *o + w * v;
+                            *o += w * v;
                         }
                     }
                 }
@@ -426,7 +426,7 @@ pub fn backward<T: Float>(
                         let src = &oj[i * k..(i + 1) * k];
                         let dst = &mut dp[(i * lv + l) * k..(i * lv + l + 1) * k];
                         for (a, &b) in dst.iter_mut().zip(src) {
-                            *a = *a + wt * b;
+                            *a += wt * b;
                         }
                     }
                 }
@@ -515,7 +515,7 @@ pub fn backward<T: Float>(
 /// `acc[j] += Σ_i m[i][j]` over the rows of a row-major matrix with `cols` columns.
 fn sum_rows<T: Float>(m: &[T], cols: usize, acc: &mut [T]) {
     for (a, v) in acc.iter_mut().zip(column_totals(m, cols)) {
-        *a = *a + T::of(v);
+        *a += T::of(v);
     }
 }
 

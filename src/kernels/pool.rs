@@ -51,7 +51,7 @@ fn lane_sum<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> f64 {
     let mut cb = b.chunks_exact(8);
     for (k, (xs, ys)) in (&mut ca).zip(&mut cb).enumerate() {
         for i in 0..8 {
-            lanes[i] = lanes[i] + f(xs[i], ys[i]);
+            lanes[i] += f(xs[i], ys[i]);
         }
         if k % CHUNKS_PER_FLUSH == CHUNKS_PER_FLUSH - 1 {
             total += lanes.iter().map(|v| v.as_f64()).sum::<f64>();

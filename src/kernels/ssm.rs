@@ -458,7 +458,7 @@ pub fn backward<T: Float>(
         drop(da);
         grad_x.par_chunks_mut(d.c).zip(bg.dx.par_chunks(w)).for_each(|(gx, dx)| {
             for (o, &v) in gx[..w].iter_mut().zip(dx) {
-                *o = *o + v;
+                *o += v;
             }
         });
         grads.push(HeadGrads { fc_weight, fc_bias, bn_weight: bg.dgamma, bn_bias: bg.dbeta });
