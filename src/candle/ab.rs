@@ -93,12 +93,11 @@ pub fn backward(
 ) -> CResult<Grads> {
     let bias = p.conv_bias.is_some();
     let stats = if cfg.training { None } else { Some((mean, invstd)) };
-    let params = param_list(p);
-    let g = gate(cfg, pooled, &params.iter().map(|&t| t.clone()).collect::<Vec<_>>(), bias, stats)?;
     let dgate = plane_dots(grad_out, x)?;
     let mut inputs = vec![pooled];
-    inputs.extend(params);
-    let grads = vjp(&inputs, &dgate, |v| gate(cfg, &v[0], &v[1..], bias, stats))?;
+    inputs.extend(param_list(p));
+    // The gate is recomputed once, in the graph the gradients come from.
+    let (g, grads) = vjp(&inputs, &dgate, |v| gate(cfg, &v[0], &v[1..], bias, stats))?;
     Ok(Grads {
         x: map_grad(grad_out, &g, &grads[0])?,
         conv_weight: grads[1].clone(),

@@ -92,7 +92,7 @@ pub fn backward(grad_out: &Tensor, xs: &[Tensor], p: &Params, z: &Tensor, w: &Te
     let mut inputs = vec![z];
     inputs.extend(s.list.iter().copied());
     let (b1, b2) = (s.b1.map(|i| i + 1), s.b2.map(|i| i + 1));
-    let grads = vjp(&inputs, &g, |v| Ok(weights(&v[0], &v[1..], b1.map(|i| i - 1), b2.map(|i| i - 1))?.1))?;
+    let (_, grads) = vjp(&inputs, &g, |v| Ok(weights(&v[0], &v[1..], b1.map(|i| i - 1), b2.map(|i| i - 1))?.1))?;
     let xs = (0..xs.len()).map(|i| map_grad(grad_out, &w.get(i)?, &grads[0].get(i)?)).collect::<CResult<_>>()?;
     Ok(Grads {
         xs,

@@ -99,7 +99,7 @@ pub fn vote(cfg: &Config, f0: &Tensor, p: &Params) -> CResult<Tensor> {
 pub fn backward(cfg: &Config, grad_out: &Tensor, p: &Params, pooled: &Tensor, outputs: Outputs) -> CResult<Grads> {
     let mut inputs = vec![pooled];
     inputs.extend(list(p));
-    let g = vjp(&inputs, grad_out, |v| logits(cfg, &v[0], &v[1..], outputs))?;
+    let (_, g) = vjp(&inputs, grad_out, |v| logits(cfg, &v[0], &v[1..], outputs))?;
     Ok(Grads {
         x: g[0].clone(),
         ln_weight: g[1].clone(),

@@ -56,13 +56,14 @@ pub fn pool_host<T: Float>(x: &[T], hw: usize) -> Vec<T> {
 
 /// The vector-Jacobian product of `f` at `inputs` with cotangent `cot` (the shape of
 /// `f`'s output): the gradient of `Σ f(inputs) · cot` with respect to each input,
-/// zeros for an input `f` does not use.
-pub fn vjp(inputs: &[&Tensor], cot: &Tensor, f: impl FnOnce(&[Tensor]) -> CResult<Tensor>) -> CResult<Vec<Tensor>> {
+/// zeros for an input `f` does not use; and `f(inputs)` itself, detached.
+pub fn vjp(inputs: &[&Tensor], cot: &Tensor, f: impl FnOnce(&[Tensor]) -> CResult<Tensor>) -> CResult<(Tensor, Vec<Tensor>)> {
     let vars = inputs.iter().map(|t| Var::from_tensor(t)).collect::<CResult<Vec<_>>>()?;
     let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let out = f(&ts)?;
-    let grads = (out * cot)?.sum_all()?.backward()?;
-    ts.iter().map(|t| grads.get(t).map_or_else(|| t.zeros_like(), |g| Ok(g.clone()))).collect()
+    let grads = (&out * cot)?.sum_all()?.backward()?;
+    let g = ts.iter().map(|t| grads.get(t).map_or_else(|| t.zeros_like(), |g| Ok(g.clone()))).collect::<CResult<_>>()?;
+    Ok((out.detach(), g))
 }
 
 /// `GAP` of `[N, C, HW]`: `[N, C]`.

@@ -139,7 +139,7 @@ pub fn backward(cfg: &Config, grad_out: &Tensor, x: &Tensor, heads: &[Head], mea
         let r = stats_range(split, h);
         Ok(Some((mean.narrow(0, r.start, r.len())?, invstd.narrow(0, r.start, r.len())?)))
     };
-    let g = vjp(&inputs, grad_out, |v| logits(cfg, &v[0], &v[1..], &starts, &saved))?;
+    let (_, g) = vjp(&inputs, grad_out, |v| logits(cfg, &v[0], &v[1..], &starts, &saved))?;
     let heads = starts
         .iter()
         .enumerate()
