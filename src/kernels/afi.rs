@@ -176,31 +176,20 @@ pub fn forward<T: Float>(xs: &[&[T]], n: usize, c: usize, hw: usize, p: &Params<
     // Softmax over i for every (n, c), numerically stable, in f64.
     let weights = softmax_over_maps(&s, m, nc);
 
-    // R = Σ_i s~_i · X_i, one pass over the planes, each plane summed in a
-    // cache-resident scratch row and written once (no zero-fill of the output).
+    // R = Σ_i s~_i · X_i, one pass over the planes: each output element is summed in
+    // registers from all the maps and written once (no zero-fill of the output).
     let mut out = output_buffer::<T>(nc * hw);
     let per = planes_per_task(hw, m + 1);
     out.spare_capacity_mut()[..nc * hw].par_chunks_mut(per * hw).enumerate().for_each(|(k, chunk)| {
-        let p0 = k * per;
-        let mut acc = vec![T::zero(); hw];
         for (q, dst) in chunk.chunks_exact_mut(hw).enumerate() {
-            let pl = p0 + q;
-            let range = pl * hw..(pl + 1) * hw;
-            for (i, x) in xs.iter().enumerate() {
-                let w = weights[i * nc + pl];
-                let src = &x[range.clone()];
-                if i == 0 {
-                    for (o, &v) in acc.iter_mut().zip(src) {
-                        *o = w * v;
-                    }
-                } else {
-                    for (o, &v) in acc.iter_mut().zip(src) {
-                        *o += w * v;
-                    }
-                }
-            }
-            for (d, &v) in dst.iter_mut().zip(&acc) {
-                d.write(v);
+            let pl = k * per + q;
+            let planes = |i: usize| &xs[i][pl * hw..(pl + 1) * hw];
+            let w = |i: usize| weights[i * nc + pl];
+            let dst = write_weighted_sum(dst, m.min(GROUP), planes, w);
+            // Maps beyond the first group (M > 4) are added in further passes over
+            // the (cache-resident) plane.
+            for i0 in (GROUP..m).step_by(GROUP) {
+                add_weighted_sum(dst, (m - i0).min(GROUP), |i| planes(i0 + i), |i| w(i0 + i));
             }
         }
     });
@@ -210,28 +199,95 @@ pub fn forward<T: Float>(xs: &[&[T]], n: usize, c: usize, hw: usize, p: &Params<
     Ok(Forward { out, z, hidden: h, weights })
 }
 
-/// Softmax over the `m` rows of `s` `[m, cols]`, independently per column.
+/// Maps summed per pass in [`write_weighted_sum`] and [`add_weighted_sum`].
+const GROUP: usize = 4;
+
+/// `dst[j] = Σ_{i < k} w(i) · planes(i)[j]` for `k <= GROUP` maps, with the sum in
+/// registers; returns `dst`, now initialised.
+#[inline]
+fn write_weighted_sum<'a, 'x, T: Float>(
+    dst: &'a mut [MaybeUninit<T>],
+    k: usize,
+    planes: impl Fn(usize) -> &'x [T],
+    w: impl Fn(usize) -> T,
+) -> &'a mut [T] {
+    fn run<T: Float, const K: usize>(dst: &mut [MaybeUninit<T>], src: [&[T]; K], w: [T; K]) {
+        let src = src.map(|s| &s[..dst.len()]);
+        for (j, d) in dst.iter_mut().enumerate() {
+            let mut v = w[0] * src[0][j];
+            for i in 1..K {
+                v += w[i] * src[i][j];
+            }
+            d.write(v);
+        }
+    }
+    match k {
+        1 => run::<T, 1>(dst, [planes(0)], [w(0)]),
+        2 => run::<T, 2>(dst, [planes(0), planes(1)], [w(0), w(1)]),
+        3 => run::<T, 3>(dst, [planes(0), planes(1), planes(2)], [w(0), w(1), w(2)]),
+        _ => run::<T, 4>(dst, [planes(0), planes(1), planes(2), planes(3)], [w(0), w(1), w(2), w(3)]),
+    }
+    // SAFETY: `run` wrote every element of `dst`.
+    unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr() as *mut T, dst.len()) }
+}
+
+/// `dst[j] += Σ_{i < k} w(i) · planes(i)[j]` for `1 <= k <= GROUP` maps, each map's
+/// term added in order (as [`write_weighted_sum`] adds them).
+#[inline]
+fn add_weighted_sum<'x, T: Float>(
+    dst: &mut [T],
+    k: usize,
+    planes: impl Fn(usize) -> &'x [T],
+    w: impl Fn(usize) -> T,
+) {
+    for i in 0..k {
+        let (wi, src) = (w(i), &planes(i)[..dst.len()]);
+        for (d, &v) in dst.iter_mut().zip(src) {
+            *d += wi * v;
+        }
+    }
+}
+
+/// Softmax over the `m` rows of `s` `[m, cols]`, independently per column: the max in
+/// `T` (exact), each exponential once in `T`, the sum and the division in f64. In
+/// parallel over blocks of columns.
 fn softmax_over_maps<T: Float>(s: &[T], m: usize, cols: usize) -> Vec<T> {
+    const COLS_PER_TASK: usize = 2048;
+    let mut w = vec![T::zero(); m * cols];
     if cols == 0 {
-        return Vec::new();
+        return w;
     }
-    let mut max = vec![f64::NEG_INFINITY; cols];
-    for row in s.chunks_exact(cols) {
-        for (mx, v) in max.iter_mut().zip(row) {
-            *mx = mx.max(v.as_f64());
+    // One task per block of columns, holding that block of every row of `w`.
+    let mut tasks: Vec<Vec<&mut [T]>> =
+        (0..cols.div_ceil(COLS_PER_TASK)).map(|_| Vec::with_capacity(m)).collect();
+    for row in w.chunks_exact_mut(cols) {
+        for (task, part) in tasks.iter_mut().zip(row.chunks_mut(COLS_PER_TASK)) {
+            task.push(part);
         }
     }
-    let mut sum = vec![0.0f64; cols];
-    for row in s.chunks_exact(cols) {
-        for ((acc, v), mx) in sum.iter_mut().zip(row).zip(&max) {
-            *acc += (v.as_f64() - mx).exp();
+    tasks.into_par_iter().enumerate().for_each(|(k, mut rows)| {
+        let c0 = k * COLS_PER_TASK;
+        let len = rows[0].len();
+        let mut max = vec![f64::NEG_INFINITY; len];
+        for i in 0..m {
+            for (mx, v) in max.iter_mut().zip(&s[i * cols + c0..][..len]) {
+                *mx = mx.max(v.as_f64());
+            }
         }
-    }
-    let mut w = Vec::with_capacity(m * cols);
-    for row in s.chunks_exact(cols) {
-        let weight = |((v, mx), sm): ((&T, &f64), &f64)| T::of((v.as_f64() - mx).exp() / sm);
-        w.extend(row.iter().zip(&max).zip(&sum).map(weight));
-    }
+        let mut sum = vec![0.0f64; len];
+        for (i, row) in rows.iter_mut().enumerate() {
+            for (((e, v), mx), acc) in row.iter_mut().zip(&s[i * cols + c0..][..len]).zip(&max).zip(&mut sum)
+            {
+                *e = (*v - T::of(*mx)).exp();
+                *acc += e.as_f64();
+            }
+        }
+        for row in rows.iter_mut() {
+            for (e, sm) in row.iter_mut().zip(&sum) {
+                *e = T::of(e.as_f64() / sm);
+            }
+        }
+    });
     w
 }
 
@@ -445,7 +501,8 @@ mod tests {
     #[test]
     fn forward_matches_naive() {
         let shapes = [(1, 4, 2, 1), (2, 8, 2, 5), (3, 6, 3, 7), (2, 16, 4, 1), (1, 3, 1, 9)];
-        for m in 1..=3 {
+        // M past GROUP (5, 9) takes the further passes of the weighted sum.
+        for m in [1, 2, 3, 4, 5, 9] {
             for (si, &(n, c, hd, hw)) in shapes.iter().enumerate() {
                 for bias in [false, true] {
                     let case = Case::new(m, n, c, hd, hw, bias, (m * 100 + si) as u64);

@@ -37,29 +37,37 @@ pub fn global_avg_pool<T: Float>(x: &[T], hw: usize) -> Vec<T> {
     out
 }
 
-/// Chunks of 8 summed in `T` lanes (which vectorises) before the lanes are added to
-/// an f64 total, so a float32 partial sum rounds like a sum of at most 64 elements,
-/// not like one of the whole plane.
-const CHUNKS_PER_FLUSH: usize = 8;
+/// Elements per block: summed in 8 lanes of `T` (which vectorises), then added lane
+/// by lane to 8 f64 totals, so that a float32 partial sum rounds like a sum of at most
+/// 8 elements, never like one of the whole plane.
+const BLOCK: usize = 64;
 
-/// `Σ f(a[i], b[i])` over 8-lane chunks in `T`, totals in f64; the tail in f64.
+/// `Σ f(a[i], b[i])`: blocks of [`BLOCK`] (and then 8-lane chunks) as described
+/// there, the tail in f64.
 #[inline(always)]
 fn lane_sum<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> f64 {
-    let mut total = 0.0f64;
-    let mut lanes = [T::zero(); 8];
-    let mut ca = a.chunks_exact(8);
-    let mut cb = b.chunks_exact(8);
-    for (k, (xs, ys)) in (&mut ca).zip(&mut cb).enumerate() {
+    let mut total = [0.0f64; 8];
+    let lanes = |xs: &[T], ys: &[T], total: &mut [f64; 8]| {
+        let mut acc = [T::zero(); 8];
+        for (x8, y8) in xs.chunks_exact(8).zip(ys.chunks_exact(8)) {
+            for i in 0..8 {
+                acc[i] += f(x8[i], y8[i]);
+            }
+        }
         for i in 0..8 {
-            lanes[i] += f(xs[i], ys[i]);
+            total[i] += acc[i].as_f64();
         }
-        if k % CHUNKS_PER_FLUSH == CHUNKS_PER_FLUSH - 1 {
-            total += lanes.iter().map(|v| v.as_f64()).sum::<f64>();
-            lanes = [T::zero(); 8];
-        }
+    };
+    let mut ca = a.chunks_exact(BLOCK);
+    let mut cb = b.chunks_exact(BLOCK);
+    for (xs, ys) in (&mut ca).zip(&mut cb) {
+        lanes(xs, ys, &mut total);
     }
-    total += lanes.iter().map(|v| v.as_f64()).sum::<f64>();
-    total + ca.remainder().iter().zip(cb.remainder()).map(|(&x, &y)| f(x, y).as_f64()).sum::<f64>()
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    lanes(ra, rb, &mut total);
+    let whole = ra.len() / 8 * 8;
+    let tail: f64 = ra[whole..].iter().zip(&rb[whole..]).map(|(&x, &y)| f(x, y).as_f64()).sum();
+    ((total[0] + total[1]) + (total[2] + total[3])) + ((total[4] + total[5]) + (total[6] + total[7])) + tail
 }
 
 /// Dot product of two equal-length slices (see [`lane_sum`] for the accumulation).
