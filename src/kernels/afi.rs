@@ -20,7 +20,7 @@
 //! No full-size temporary besides the outputs.
 
 use super::gemm::{matmul, matmul_new, Mat};
-use super::pool::{dot, global_avg_pool, planes_per_task};
+use super::pool::{dots, global_avg_pool, planes_per_task};
 use super::{check_len, checked_numel, column_totals, output_buffer, Error, Float, Result};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -248,6 +248,18 @@ fn add_weighted_sum<'x, T: Float>(
     }
 }
 
+/// `dst[k][j] = a_k · src[j] + b_k` for `K` outputs, `coef[k] = (a_k, b_k)`, in one
+/// sweep over `src`.
+#[inline]
+fn write_affine<T: Float, const K: usize>(src: &[T], dst: [&mut [MaybeUninit<T>]; K], coef: [(T, T); K]) {
+    let mut dst = dst.map(|d| &mut d[..src.len()]);
+    for (j, &v) in src.iter().enumerate() {
+        for k in 0..K {
+            dst[k][j].write(coef[k].0 * v + coef[k].1);
+        }
+    }
+}
+
 /// Softmax over the `m` rows of `s` `[m, cols]`, independently per column: the max in
 /// `T` (exact), each exponential once in `T`, the sum and the division in f64. In
 /// parallel over blocks of columns.
@@ -318,8 +330,17 @@ pub fn backward<T: Float>(
         let p0 = k * per;
         for (q, (gq, gp)) in gc.chunks_exact_mut(m).zip(go.chunks_exact(hw)).enumerate() {
             let pl = p0 + q;
-            for (gi, x) in gq.iter_mut().zip(xs) {
-                *gi = dot(gp, &x[pl * hw..(pl + 1) * hw]);
+            let plane = |i: usize| &xs[i][pl * hw..(pl + 1) * hw];
+            // Up to GROUP maps per sweep over the plane of grad_R.
+            for (g0, gs) in gq.chunks_mut(GROUP).enumerate() {
+                let i0 = g0 * GROUP;
+                match gs.len() {
+                    1 => gs.copy_from_slice(&dots(gp, [plane(i0)])),
+                    2 => gs.copy_from_slice(&dots(gp, [plane(i0), plane(i0 + 1)])),
+                    3 => gs.copy_from_slice(&dots(gp, [plane(i0), plane(i0 + 1), plane(i0 + 2)])),
+                    _ => gs
+                        .copy_from_slice(&dots(gp, [plane(i0), plane(i0 + 1), plane(i0 + 2), plane(i0 + 3)])),
+                }
             }
         }
     });
@@ -372,11 +393,17 @@ pub fn backward<T: Float>(
         for (q, gp) in go.chunks_exact(hw).enumerate() {
             let pl = p0 + q;
             let range = q * hw..(q + 1) * hw;
-            for (i, dst) in dsts.iter_mut().enumerate() {
-                let w = weights[i * nc + pl];
-                let b = dz[i * nc + pl];
-                for (o, &v) in dst[range.clone()].iter_mut().zip(gp) {
-                    o.write(w * v + b);
+            // Up to GROUP maps' gradients written per sweep over the plane of grad_R.
+            for (g0, group) in dsts.chunks_mut(GROUP).enumerate() {
+                let (i0, k) = (g0 * GROUP, group.len());
+                let mut planes = group.iter_mut().map(|d| &mut d[range.clone()]);
+                let mut next = || planes.next().expect("one plane per map of the group");
+                let coef = |i: usize| (weights[(i0 + i) * nc + pl], dz[(i0 + i) * nc + pl]);
+                match k {
+                    1 => write_affine(gp, [next()], std::array::from_fn(coef)),
+                    2 => write_affine(gp, [next(), next()], std::array::from_fn(coef)),
+                    3 => write_affine(gp, [next(), next(), next()], std::array::from_fn(coef)),
+                    _ => write_affine(gp, [next(), next(), next(), next()], std::array::from_fn(coef)),
                 }
             }
         }
@@ -618,6 +645,8 @@ mod tests {
             check_backward(3, 3, 4, 1, 1, bias, 13);
             check_backward(1, 2, 4, 2, 3, bias, 14);
             check_backward(4, 1, 8, 2, 2, bias, 15);
+            // Past GROUP maps: the further sweeps of both passes.
+            check_backward(6, 1, 4, 2, 3, bias, 16);
         }
     }
 

@@ -46,28 +46,50 @@ const BLOCK: usize = 64;
 /// there, the tail in f64.
 #[inline(always)]
 fn lane_sum<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> f64 {
-    let mut total = [0.0f64; 8];
-    let lanes = |xs: &[T], ys: &[T], total: &mut [f64; 8]| {
-        let mut acc = [T::zero(); 8];
-        for (x8, y8) in xs.chunks_exact(8).zip(ys.chunks_exact(8)) {
-            for i in 0..8 {
-                acc[i] += f(x8[i], y8[i]);
+    lane_sums(a, [b], f)[0]
+}
+
+/// `[Σ f(a[i], bs[k][i]) for k < K]` in one sweep over `a` and the `K` slices (each
+/// at least as long as `a`), accumulated as in [`lane_sum`].
+#[inline(always)]
+fn lane_sums<T: Float, const K: usize>(a: &[T], bs: [&[T]; K], f: impl Fn(T, T) -> T) -> [f64; K] {
+    let bs = bs.map(|b| &b[..a.len()]);
+    let mut total = [[0.0f64; 8]; K];
+    let lanes = |start: usize, len: usize, total: &mut [[f64; 8]; K]| {
+        let mut acc = [[T::zero(); 8]; K];
+        let mut ys = bs.map(|b| b[start..start + len].chunks_exact(8));
+        for x8 in a[start..start + len].chunks_exact(8) {
+            for k in 0..K {
+                let Some(y8) = ys[k].next() else { unreachable!("same length as a") };
+                for i in 0..8 {
+                    acc[k][i] += f(x8[i], y8[i]);
+                }
             }
         }
-        for i in 0..8 {
-            total[i] += acc[i].as_f64();
+        for k in 0..K {
+            for i in 0..8 {
+                total[k][i] += acc[k][i].as_f64();
+            }
         }
     };
-    let mut ca = a.chunks_exact(BLOCK);
-    let mut cb = b.chunks_exact(BLOCK);
-    for (xs, ys) in (&mut ca).zip(&mut cb) {
-        lanes(xs, ys, &mut total);
+    let blocks = a.len() / BLOCK * BLOCK;
+    for start in (0..blocks).step_by(BLOCK) {
+        lanes(start, BLOCK, &mut total);
     }
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    lanes(ra, rb, &mut total);
-    let whole = ra.len() / 8 * 8;
-    let tail: f64 = ra[whole..].iter().zip(&rb[whole..]).map(|(&x, &y)| f(x, y).as_f64()).sum();
-    ((total[0] + total[1]) + (total[2] + total[3])) + ((total[4] + total[5]) + (total[6] + total[7])) + tail
+    let whole = a.len() / 8 * 8;
+    lanes(blocks, whole - blocks, &mut total);
+    std::array::from_fn(|k| {
+        let t = &total[k];
+        let tail: f64 = a[whole..].iter().zip(&bs[k][whole..]).map(|(&x, &y)| f(x, y).as_f64()).sum();
+        ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7])) + tail
+    })
+}
+
+/// `[Σ a[i] · bs[k][i] for k < K]`: the dot products of one slice with `K` others in
+/// one sweep (see [`lane_sum`] for the accumulation).
+#[inline]
+pub fn dots<T: Float, const K: usize>(a: &[T], bs: [&[T]; K]) -> [f64; K] {
+    lane_sums(a, bs, |x, y| x * y)
 }
 
 /// Dot product of two equal-length slices (see [`lane_sum`] for the accumulation).
