@@ -20,7 +20,7 @@
 //! No full-size temporary besides the outputs.
 
 use super::gemm::{matmul, matmul_new, Mat};
-use super::pool::{dots, global_avg_pool, planes_per_task};
+use super::pool::{dots, planes_per_task, sums};
 use super::{check_len, checked_numel, column_totals, output_buffer, Error, Float, Result};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -157,11 +157,37 @@ pub fn forward<T: Float>(xs: &[&[T]], n: usize, c: usize, hw: usize, p: &Params<
     let d = validate(xs, n, c, hw, p)?;
     let Dims { m, nc, mn, hidden } = d;
 
-    // Z [M*N, C]: one global-average-pool per map, stacked (small).
-    let mut z = Vec::with_capacity(m * nc);
-    for x in xs {
-        z.extend_from_slice(&global_avg_pool(x, hw));
+    // Z [M*N, C]: the plane means of every map, up to GROUP maps per sweep over a
+    // plane; computed plane-major, then laid out map by map (small).
+    let mut zt = vec![T::zero(); nc * m];
+    let per = planes_per_task(hw, m);
+    zt.par_chunks_mut(per * m).enumerate().for_each(|(k, zc)| {
+        for (q, zq) in zc.chunks_exact_mut(m).enumerate() {
+            let pl = k * per + q;
+            let plane = |i: usize| &xs[i][pl * hw..(pl + 1) * hw];
+            for (g0, zs) in zq.chunks_mut(GROUP).enumerate() {
+                let (i0, k) = (g0 * GROUP, zs.len());
+                let mut means = |totals: &[f64]| {
+                    for (d, &t) in zs.iter_mut().zip(totals) {
+                        *d = T::of(t / hw as f64);
+                    }
+                };
+                match k {
+                    1 => means(&sums([plane(i0)])),
+                    2 => means(&sums([plane(i0), plane(i0 + 1)])),
+                    3 => means(&sums([plane(i0), plane(i0 + 1), plane(i0 + 2)])),
+                    _ => means(&sums([plane(i0), plane(i0 + 1), plane(i0 + 2), plane(i0 + 3)])),
+                }
+            }
+        }
+    });
+    let mut z = vec![T::zero(); m * nc];
+    for (pl, zq) in zt.chunks_exact(m).enumerate() {
+        for (i, &v) in zq.iter().enumerate() {
+            z[i * nc + pl] = v;
+        }
     }
+    drop(zt);
 
     // The scorer, for all M maps at once.
     let mut h = linear(&z, mn, c, p.fc1_weight, hidden, p.fc1_bias);

@@ -85,6 +85,13 @@ fn lane_sums<T: Float, const K: usize>(a: &[T], bs: [&[T]; K], f: impl Fn(T, T) 
     })
 }
 
+/// `[Σ a[k][i] for k < K]`: the sums of `K` equal-length slices in one sweep (see
+/// [`lane_sum`] for the accumulation).
+#[inline]
+pub fn sums<T: Float, const K: usize>(a: [&[T]; K]) -> [f64; K] {
+    lane_sums(a[0], a, |_, y| y)
+}
+
 /// `[Σ a[i] · bs[k][i] for k < K]`: the dot products of one slice with `K` others in
 /// one sweep (see [`lane_sum`] for the accumulation).
 #[inline]
