@@ -112,7 +112,8 @@ fn forward_t<'py, T: Element + Float>(
     expect_shape("running_var", rv.shape(), &[ab.channels])?;
     let cfg = ab.config(training);
     let (xs, p, running) = (xa.slice(), call.params(), Running { mean: rm.slice(), var: rv.slice() });
-    let f = compute(py, || backend!(ab::forward, candle_ab::forward_host, (&cfg, xs, n, hw, &p, running)))?.map_err(to_py_err)?;
+    let f = compute(py, || backend!(ab::forward, candle_ab::forward_host, (&cfg, xs, n, hw, &p, running)))?
+        .map_err(to_py_err)?;
     let c = ab.channels;
     let var_len = f.var_unbiased.len();
     tuple(
@@ -158,7 +159,10 @@ fn backward_t<'py, T: Element + Float>(
     let cfg = ab.config(training);
     let (gos, xs, ys, mus, iss, p) =
         (go.slice(), xa.slice(), y.slice(), mu.slice(), is.slice(), call.params());
-    let g = compute(py, || backend!(ab::backward, candle_ab::backward_host, (&cfg, gos, xs, n, hw, &p, ys, mus, iss)))?.map_err(to_py_err)?;
+    let g = compute(py, || {
+        backend!(ab::backward, candle_ab::backward_host, (&cfg, gos, xs, n, hw, &p, ys, mus, iss))
+    })?
+    .map_err(to_py_err)?;
     let cg = c / ab.groups;
     let bias_len = g.conv_bias.len();
     tuple(

@@ -110,7 +110,8 @@ fn forward_t<'py, T: Element + Float>(
     let (n, c, hw) = (shape[0], shape[1], shape[2] * shape[3]);
     let slices: Vec<&[T]> = maps.iter().map(|x| x.slice()).collect();
     let p = scorer.params();
-    let f = compute(py, || backend!(afi::forward, candle_afi::forward_host, (&slices, n, c, hw, &p)))?.map_err(to_py_err)?;
+    let f = compute(py, || backend!(afi::forward, candle_afi::forward_host, (&slices, n, c, hw, &p)))?
+        .map_err(to_py_err)?;
     let m = maps.len();
     tuple(
         py,
@@ -151,7 +152,10 @@ fn backward_t<'py, T: Element + Float>(
     let slices: Vec<&[T]> = maps.iter().map(|x| x.slice()).collect();
     let (gos, p) = (go.slice(), scorer.params());
     let saved = Saved { z: zs.slice(), hidden: hs.slice(), weights: ws.slice() };
-    let g = compute(py, || backend!(afi::backward, candle_afi::backward_host, (gos, &slices, n, c, hw, &p, &saved)))?.map_err(to_py_err)?;
+    let g = compute(py, || {
+        backend!(afi::backward, candle_afi::backward_host, (gos, &slices, n, c, hw, &p, &saved))
+    })?
+    .map_err(to_py_err)?;
     let grads_x = g.xs.into_iter().map(|gx| output(py, gx, &shape)).collect::<PyResult<Vec<_>>>()?;
     let h = afi.hidden;
     let b1 = g.fc1_bias.unwrap_or_default();
@@ -215,7 +219,11 @@ impl Afi {
         let first = any_items(xs, "xs")?.into_iter().next().ok_or_else(|| {
             PyValueError::new_err("xs: expected at least one feature map, got an empty list")
         })?;
-        dispatch!(&first, "xs[0]", forward_t(self, xs, fc1_weight, fc1_bias, fc2_weight, fc2_bias) | forward_cuda)
+        dispatch!(
+            &first,
+            "xs[0]",
+            forward_t(self, xs, fc1_weight, fc1_bias, fc2_weight, fc2_bias) | forward_cuda
+        )
     }
 
     /// Backward. Returns `(grad_xs, grad_fc1_weight, grad_fc1_bias, grad_fc2_weight,
@@ -238,14 +246,19 @@ impl Afi {
         dispatch!(
             grad_out,
             "grad_out",
-            backward_t(self, xs, z, hidden, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias) | backward_cuda
+            backward_t(self, xs, z, hidden, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+                | backward_cuda
         )
     }
 }
 
 /// The maps of one CUDA call, read in place and checked.
 #[cfg(feature = "cuda")]
-fn cuda_maps(xs: &Bound<'_, PyAny>, channels: usize, like: Option<(candle_core::DType, usize)>) -> PyResult<(Vec<super::dlpack::CudaIn>, Vec<usize>)> {
+fn cuda_maps(
+    xs: &Bound<'_, PyAny>,
+    channels: usize,
+    like: Option<(candle_core::DType, usize)>,
+) -> PyResult<(Vec<super::dlpack::CudaIn>, Vec<usize>)> {
     use super::dlpack::input;
     let items = any_items(xs, "xs")?;
     if items.is_empty() {
@@ -260,7 +273,10 @@ fn cuda_maps(xs: &Bound<'_, PyAny>, channels: usize, like: Option<(candle_core::
         super::dlpack::expect_samples(&arg, &s)?;
         if i == 0 {
             if s[1] != channels {
-                return Err(PyValueError::new_err(format!("{arg}: expected {channels} channels in dim 1, got shape {}", fmt_shape(&s))));
+                return Err(PyValueError::new_err(format!(
+                    "{arg}: expected {channels} channels in dim 1, got shape {}",
+                    fmt_shape(&s)
+                )));
             }
             shape = s;
         } else {
@@ -319,7 +335,11 @@ fn forward_cuda<'py>(
     let like = maps[0].like();
     let scorer = cuda_scorer(afi, like, fc1_weight, fc1_bias, fc2_weight, fc2_bias)?;
     let (m, n, c, hw) = (maps.len(), shape[0], shape[1], shape[2] * shape[3]);
-    let views = maps.iter().map(|x| x.reshape((n, c, hw))).collect::<candle_core::Result<Vec<_>>>().map_err(candle_err)?;
+    let views = maps
+        .iter()
+        .map(|x| x.reshape((n, c, hw)))
+        .collect::<candle_core::Result<Vec<_>>>()
+        .map_err(candle_err)?;
     let f = run(py, maps[0].device(), || candle_afi::forward(&views, &scorer.p))?;
     let id = like.1;
     tuple(
@@ -359,10 +379,12 @@ fn backward_cuda<'py>(
     let ws = shaped(weights, "weights", like, &[m, n, c])?;
     let scorer = cuda_scorer(afi, like, fc1_weight, fc1_bias, fc2_weight, fc2_bias)?;
     let dims = (n, c, hw);
-    let views = maps.iter().map(|x| x.reshape(dims)).collect::<candle_core::Result<Vec<_>>>().map_err(candle_err)?;
+    let views =
+        maps.iter().map(|x| x.reshape(dims)).collect::<candle_core::Result<Vec<_>>>().map_err(candle_err)?;
     let g = run(py, go.device(), || candle_afi::backward(&go.reshape(dims)?, &views, &scorer.p, &zs, &ws))?;
     let id = like.1;
-    let grads_x = g.xs.into_iter().map(|gx| dlpack::output(py, gx, &shape, id)).collect::<PyResult<Vec<_>>>()?;
+    let grads_x =
+        g.xs.into_iter().map(|gx| dlpack::output(py, gx, &shape, id)).collect::<PyResult<Vec<_>>>()?;
     let h = afi.hidden;
     let b1 = match g.fc1_bias {
         Some(b) => dlpack::output(py, b, &[h], id)?,

@@ -15,8 +15,8 @@
 //! per call.
 
 use super::array::fmt_shape;
-use candle_core::op::BackpropOp;
 use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, DType, Device, Storage, Tensor};
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::ffi;
@@ -68,7 +68,8 @@ struct DLManagedTensor {
 /// device's primary context, the one torch uses, so torch's pointers are valid in it).
 pub fn device(id: usize) -> PyResult<Device> {
     static DEVICES: Mutex<Option<HashMap<usize, Device>>> = Mutex::new(None);
-    let mut guard = DEVICES.lock().map_err(|_| PyRuntimeError::new_err("cnnboost: CUDA device lock poisoned"))?;
+    let mut guard =
+        DEVICES.lock().map_err(|_| PyRuntimeError::new_err("cnnboost: CUDA device lock poisoned"))?;
     let map = guard.get_or_insert_with(HashMap::new);
     if let Some(d) = map.get(&id) {
         return Ok(d.clone());
@@ -133,14 +134,19 @@ fn dtype_name(d: DLDataType) -> String {
 /// device the call's first array set (None for that first array).
 pub fn input(obj: &Bound<'_, PyAny>, arg: &str, like: Option<(DType, usize)>) -> PyResult<CudaIn> {
     let cap = obj.call_method0("__dlpack__").map_err(|e| {
-        PyTypeError::new_err(format!("{arg}: expected a CUDA tensor with __dlpack__, got {} ({e})", obj.get_type().name().map(|n| n.to_string()).unwrap_or_default()))
+        PyTypeError::new_err(format!(
+            "{arg}: expected a CUDA tensor with __dlpack__, got {} ({e})",
+            obj.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+        ))
     })?;
     // SAFETY: the capsule protocol: a valid "dltensor" capsule holds a DLManagedTensor.
     let managed = unsafe {
         let p = ffi::PyCapsule_GetPointer(cap.as_ptr(), DLTENSOR.as_ptr()) as *mut DLManagedTensor;
         if p.is_null() {
             ffi::PyErr_Clear();
-            return Err(PyValueError::new_err(format!("{arg}: __dlpack__ did not return a fresh 'dltensor' capsule")));
+            return Err(PyValueError::new_err(format!(
+                "{arg}: __dlpack__ did not return a fresh 'dltensor' capsule"
+            )));
         }
         ffi::PyCapsule_SetName(cap.as_ptr(), USED_DLTENSOR.as_ptr());
         p
@@ -157,7 +163,10 @@ pub fn input(obj: &Bound<'_, PyAny>, arg: &str, like: Option<(DType, usize)>) ->
         Err(PyValueError::new_err(msg))
     };
     if t.device.device_type != KDL_CUDA {
-        return fail(format!("{arg}: expected a CUDA tensor like the first argument, got one on DLPack device type {}", t.device.device_type));
+        return fail(format!(
+            "{arg}: expected a CUDA tensor like the first argument, got one on DLPack device type {}",
+            t.device.device_type
+        ));
     }
     let id = t.device.device_id as usize;
     let dtype = match (t.dtype.code, t.dtype.bits, t.dtype.lanes) {
@@ -175,7 +184,11 @@ pub fn input(obj: &Bound<'_, PyAny>, arg: &str, like: Option<(DType, usize)>) ->
     };
     if let Some((want, want_id)) = like {
         if want != dtype {
-            let e = format!("{arg}: expected dtype {} (the dtype of the input), got {}", want.as_str(), dtype.as_str());
+            let e = format!(
+                "{arg}: expected dtype {} (the dtype of the input), got {}",
+                want.as_str(),
+                dtype.as_str()
+            );
             unsafe {
                 if let Some(del) = (*managed).deleter {
                     del(managed)
@@ -184,7 +197,9 @@ pub fn input(obj: &Bound<'_, PyAny>, arg: &str, like: Option<(DType, usize)>) ->
             return Err(PyTypeError::new_err(e));
         }
         if want_id != id {
-            return fail(format!("{arg}: expected a tensor on cuda:{want_id} (the input's device), got one on cuda:{id}"));
+            return fail(format!(
+                "{arg}: expected a tensor on cuda:{want_id} (the input's device), got one on cuda:{id}"
+            ));
         }
     }
     if !t.strides.is_null() {
@@ -217,7 +232,9 @@ pub fn input(obj: &Bound<'_, PyAny>, arg: &str, like: Option<(DType, usize)>) ->
     // dropped, so candle never frees it.
     let storage = unsafe {
         match dtype {
-            DType::F32 => CudaStorage::wrap_cuda_slice(stream.upgrade_device_ptr::<f32>(ptr, numel), cuda.clone()),
+            DType::F32 => {
+                CudaStorage::wrap_cuda_slice(stream.upgrade_device_ptr::<f32>(ptr, numel), cuda.clone())
+            }
             _ => CudaStorage::wrap_cuda_slice(stream.upgrade_device_ptr::<f64>(ptr, numel), cuda.clone()),
         }
     };
@@ -253,7 +270,6 @@ pub fn candle_err(e: candle_core::Error) -> PyErr {
     PyRuntimeError::new_err(format!("cnnboost CUDA: {e}"))
 }
 
-
 /// Checks the shape of a CUDA argument.
 pub fn expect_shape(arg: &str, t: &Tensor, expected: &[usize]) -> PyResult<()> {
     super::array::expect_shape(arg, t.dims(), expected)
@@ -276,7 +292,12 @@ unsafe extern "C" fn capsule_destructor(cap: *mut ffi::PyObject) {
 }
 
 /// A result tensor as a DLPack capsule (no copy), shaped `shape`.
-pub fn output<'py>(py: Python<'py>, t: Tensor, shape: &[usize], device_id: usize) -> PyResult<Bound<'py, PyAny>> {
+pub fn output<'py>(
+    py: Python<'py>,
+    t: Tensor,
+    shape: &[usize],
+    device_id: usize,
+) -> PyResult<Bound<'py, PyAny>> {
     let err = |e: candle_core::Error| PyRuntimeError::new_err(format!("cnnboost CUDA output: {e}"));
     let t = t.contiguous().map_err(err)?.reshape(shape).map_err(err)?;
     let (code_bits, size) = match t.dtype() {
@@ -346,7 +367,11 @@ fn capsule<'py>(
 
 /// Runs candle work on the calling thread with the GIL released (the per-thread
 /// stream candle uses is this thread's), waits for it, and maps errors and panics.
-pub fn run<R: Send>(py: Python<'_>, dev: &Device, f: impl FnOnce() -> candle_core::Result<R> + Send) -> PyResult<R> {
+pub fn run<R: Send>(
+    py: Python<'_>,
+    dev: &Device,
+    f: impl FnOnce() -> candle_core::Result<R> + Send,
+) -> PyResult<R> {
     let out = py.detach(|| {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let r = f()?;

@@ -126,7 +126,9 @@ fn backward_t<'py, T: Element + Float>(
     }
     let d = Dims { n, c, hw, k: call.k };
     let (gos, f0s, p) = (go.slice(), f0.slice(), call.params());
-    let g = compute(py, || backend!(ffc::backward, candle_ffc::backward_host, (cfg, d, gos, &p, f0s, outputs)))?.map_err(to_py_err)?;
+    let g =
+        compute(py, || backend!(ffc::backward, candle_ffc::backward_host, (cfg, d, gos, &p, f0s, outputs)))?
+            .map_err(to_py_err)?;
     tuple(
         py,
         vec![
@@ -153,7 +155,8 @@ fn vote_t<'py, T: Element + Float>(
     let call = Call::<T>::read(cfg, c, ln_weight, ln_bias, fc_weight, fc_bias)?;
     let d = Dims { n, c, hw, k: call.k };
     let (xs, p) = (xa.slice(), call.params());
-    let scores = compute(py, || backend!(ffc::vote, candle_ffc::vote_host, (cfg, d, xs, &p)))?.map_err(to_py_err)?;
+    let scores =
+        compute(py, || backend!(ffc::vote, candle_ffc::vote_host, (cfg, d, xs, &p)))?.map_err(to_py_err)?;
     output(py, scores, &[n, d.k])
 }
 
@@ -221,7 +224,11 @@ impl Ffc {
         outputs: &str,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let outputs = Outputs::parse(outputs).map_err(to_py_err)?;
-        dispatch!(x, "x", forward_t(&self.cfg, ln_weight, ln_bias, fc_weight, fc_bias, outputs) | forward_cuda)
+        dispatch!(
+            x,
+            "x",
+            forward_t(&self.cfg, ln_weight, ln_bias, fc_weight, fc_bias, outputs) | forward_cuda
+        )
     }
 
     /// Backward, from the pooled `[N, C]` input features (x itself for a 2-d x; the
@@ -246,7 +253,8 @@ impl Ffc {
         dispatch!(
             grad_out,
             "grad_out",
-            backward_t(&self.cfg, pooled, ln_weight, ln_bias, fc_weight, fc_bias, hw, outputs) | backward_cuda
+            backward_t(&self.cfg, pooled, ln_weight, ln_bias, fc_weight, fc_bias, hw, outputs)
+                | backward_cuda
         )
     }
 
@@ -336,7 +344,11 @@ fn forward_cuda<'py>(
         Outputs::All => vec![cfg.num_outputs(), n, call.k],
     };
     let id = xa.device_id;
-    let pooled = if map { dlpack::output(py, pooled, &[n, c], id)? } else { dlpack::empty_output(py, xa.dtype(), id)? };
+    let pooled = if map {
+        dlpack::output(py, pooled, &[n, c], id)?
+    } else {
+        dlpack::empty_output(py, xa.dtype(), id)?
+    };
     tuple(py, vec![dlpack::output(py, out, &out_shape, id)?, pooled])
 }
 

@@ -234,14 +234,16 @@ fn backward_t<'py, T: Element + Float>(
     let (gos, xs, heads) = (go.slice(), feats.slice(), p.heads());
     let saved = Saved { mean: mu.slice(), invstd: rs.slice() };
     let mut g = compute(py, || {
-        backend!(ssm::backward, candle_ssm::backward_host, (&cfg, gos, xs, n, c, &heads, &saved)).map(|mut g| {
-            // Average pooling hands each pixel of a plane 1/(H·W) of its gradient.
-            if hw > 1 {
-                let div = T::of(hw as f64);
-                g.x.iter_mut().for_each(|v| *v /= div);
-            }
-            g
-        })
+        backend!(ssm::backward, candle_ssm::backward_host, (&cfg, gos, xs, n, c, &heads, &saved)).map(
+            |mut g| {
+                // Average pooling hands each pixel of a plane 1/(H·W) of its gradient.
+                if hw > 1 {
+                    let div = T::of(hw as f64);
+                    g.x.iter_mut().for_each(|v| *v /= div);
+                }
+                g
+            },
+        )
     })?
     .map_err(to_py_err)?;
     let k = p.k;
@@ -406,7 +408,12 @@ impl CudaParams {
         let (g, hn) = (m.num_heads, m.normalised());
         let heads_doc = format!("one per head: num_heads = {g}");
         let normed = format!("one per normalised head: {hn}");
-        let list = |obj: &Bound<'_, PyAny>, arg: &str, len: usize, what: &str, shape: &dyn Fn(usize) -> Vec<usize>| -> PyResult<Vec<CudaIn>> {
+        let list = |obj: &Bound<'_, PyAny>,
+                    arg: &str,
+                    len: usize,
+                    what: &str,
+                    shape: &dyn Fn(usize) -> Vec<usize>|
+         -> PyResult<Vec<CudaIn>> {
             items(obj, arg, len, what)?
                 .iter()
                 .enumerate()
@@ -414,14 +421,22 @@ impl CudaParams {
                 .collect()
         };
         let first = items(fc_weights, "fc_weights", g, &heads_doc)?;
-        let k = expect_rank("fc_weights[0]", input(&first[0], "fc_weights[0]", Some(like))?.dims(), 2, "[num_classes, C / num_heads]")?[0];
+        let k = expect_rank(
+            "fc_weights[0]",
+            input(&first[0], "fc_weights[0]", Some(like))?.dims(),
+            2,
+            "[num_classes, C / num_heads]",
+        )?[0];
         let width = |h: usize| vec![(h + 1) * split];
         let fw = list(fc_weights, "fc_weights", g, &heads_doc, &|h| vec![k, (h + 1) * split])?;
         let fb = list(fc_biases, "fc_biases", g, &heads_doc, &|_| vec![k])?;
         let bw = list(bn_weights, "bn_weights", hn, &normed, &width)?;
         let bb = list(bn_biases, "bn_biases", hn, &normed, &width)?;
         let (rm, rv) = match running {
-            Some((means, vars)) => (list(means, "running_means", hn, &normed, &width)?, list(vars, "running_vars", hn, &normed, &width)?),
+            Some((means, vars)) => (
+                list(means, "running_means", hn, &normed, &width)?,
+                list(vars, "running_vars", hn, &normed, &width)?,
+            ),
             // The backward reads the saved statistics; the running ones are unused.
             None => (Vec::new(), Vec::new()),
         };
@@ -463,7 +478,16 @@ fn forward_cuda<'py>(
     let (n, c, hw) = input_dims(xa.dims())?;
     dlpack::expect_samples("x", xa.dims())?;
     let split = split_of("x", xa.dims(), c, m.num_heads)?;
-    let p = CudaParams::read(m, split, xa.like(), fc_weights, fc_biases, bn_weights, bn_biases, Some((running_means, running_vars)))?;
+    let p = CudaParams::read(
+        m,
+        split,
+        xa.like(),
+        fc_weights,
+        fc_biases,
+        bn_weights,
+        bn_biases,
+        Some((running_means, running_vars)),
+    )?;
     let cfg = m.config(p.k, training, outputs);
     if training && m.normalised() > 0 && n < 2 {
         return Err(PyValueError::new_err(format!(
@@ -483,17 +507,9 @@ fn forward_cuda<'py>(
         None => dlpack::empty_output(py, dtype, id),
     };
     let (mean, invstd, var) = (stats(f.mean)?, stats(f.invstd)?, stats(f.var_unbiased)?);
-    let pooled = if map { dlpack::output(py, pooled, &[n, c], id)? } else { dlpack::empty_output(py, dtype, id)? };
-    tuple(
-        py,
-        vec![
-            dlpack::output(py, f.out, &cfg.out_shape(n), id)?,
-            mean,
-            invstd,
-            var,
-            pooled,
-        ],
-    )
+    let pooled =
+        if map { dlpack::output(py, pooled, &[n, c], id)? } else { dlpack::empty_output(py, dtype, id)? };
+    tuple(py, vec![dlpack::output(py, f.out, &cfg.out_shape(n), id)?, mean, invstd, var, pooled])
 }
 
 #[cfg(feature = "cuda")]
@@ -545,5 +561,14 @@ fn backward_cuda<'py>(
             gbb.push(dlpack::output(py, bb, &[w], id)?);
         }
     }
-    tuple(py, vec![dlpack::output(py, g.x, &[n, c], id)?, list(py, gw)?, list(py, gb)?, list(py, gbw)?, list(py, gbb)?])
+    tuple(
+        py,
+        vec![
+            dlpack::output(py, g.x, &[n, c], id)?,
+            list(py, gw)?,
+            list(py, gb)?,
+            list(py, gbw)?,
+            list(py, gbb)?,
+        ],
+    )
 }

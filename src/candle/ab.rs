@@ -4,7 +4,10 @@
 //! scaling pass over the map. Backward: `dgate = Σ_hw grad_out·x` (one pass), the
 //! gate's backward on `[N, C]` by autograd, then `grad_x = gate·grad_out + dy/HW`.
 
-use super::{batch_norm, batch_stats, err, gap, host, map_grad, plane_dots, scale_planes, sigmoid, tensor, vjp, CResult, Device, Tensor};
+use super::{
+    batch_norm, batch_stats, err, gap, host, map_grad, plane_dots, scale_planes, sigmoid, tensor, vjp,
+    CResult, Device, Tensor,
+};
 use crate::kernels::ab::{self as rayon_ab, Config};
 use crate::kernels::{Float, Result};
 
@@ -54,7 +57,13 @@ fn conv(groups: usize, y: &Tensor, w: &Tensor, b: Option<&Tensor>) -> CResult<Te
 
 /// The gate `sigmoid(BN(conv(pooled)))`, `[N, C]`; batch statistics computed in the
 /// graph when `stats` is `None`.
-fn gate(cfg: &Config, pooled: &Tensor, p: &[Tensor], bias: bool, stats: Option<(&Tensor, &Tensor)>) -> CResult<Tensor> {
+fn gate(
+    cfg: &Config,
+    pooled: &Tensor,
+    p: &[Tensor],
+    bias: bool,
+    stats: Option<(&Tensor, &Tensor)>,
+) -> CResult<Tensor> {
     let (w, gamma, beta) = (&p[0], &p[1], &p[2]);
     let t = conv(cfg.groups, pooled, w, if bias { Some(&p[3]) } else { None })?;
     sigmoid(&batch_norm(&t, stats, cfg.eps, gamma, beta)?)
@@ -193,7 +202,12 @@ mod tests {
         let rm: Vec<T> = rand(c, 6);
         let rv: Vec<T> = rand::<T>(c, 7).into_iter().map(|v| v * v + T::of(0.5)).collect();
         let go: Vec<T> = rand(n * c * hw, 8);
-        let p = rayon_ab::Params { conv_weight: &w, conv_bias: bias.then_some(&b[..]), bn_weight: &gamma, bn_bias: &beta };
+        let p = rayon_ab::Params {
+            conv_weight: &w,
+            conv_bias: bias.then_some(&b[..]),
+            bn_weight: &gamma,
+            bn_bias: &beta,
+        };
         let running = rayon_ab::Running { mean: &rm, var: &rv };
         let want = rayon_ab::forward(&cfg, &x, n, hw, &p, running).unwrap();
         let got = forward_host(&cfg, &x, n, hw, &p, running).unwrap();
@@ -202,7 +216,8 @@ mod tests {
         close("mean", &got.mean, &want.mean, t);
         close("invstd", &got.invstd, &want.invstd, t);
         close("var_unbiased", &got.var_unbiased, &want.var_unbiased, t);
-        let want = rayon_ab::backward(&cfg, &go, &x, n, hw, &p, &want.pooled, &want.mean, &want.invstd).unwrap();
+        let want =
+            rayon_ab::backward(&cfg, &go, &x, n, hw, &p, &want.pooled, &want.mean, &want.invstd).unwrap();
         let got = backward_host(&cfg, &go, &x, n, hw, &p, &got.pooled, &got.mean, &got.invstd).unwrap();
         close("grad x", &got.x, &want.x, t);
         close("grad conv_weight", &got.conv_weight, &want.conv_weight, t);
@@ -225,7 +240,8 @@ mod tests {
     fn errors_are_the_rayon_kernels() {
         let cfg = Config { channels: 4, groups: 4, eps: 1e-5, training: true };
         let v = vec![0.0f32; 16];
-        let p = rayon_ab::Params { conv_weight: &v[..4], conv_bias: None, bn_weight: &v[..4], bn_bias: &v[..4] };
+        let p =
+            rayon_ab::Params { conv_weight: &v[..4], conv_bias: None, bn_weight: &v[..4], bn_bias: &v[..4] };
         let r = rayon_ab::Running { mean: &v[..4], var: &v[..4] };
         let e = forward_host(&cfg, &v[..4], 1, 1, &p, r).unwrap_err();
         assert_eq!(e, rayon_ab::forward(&cfg, &v[..4], 1, 1, &p, r).unwrap_err());

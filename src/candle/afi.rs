@@ -6,7 +6,9 @@
 //! scorer and softmax backward on `[M, N, C]` by autograd, then
 //! `grad_X_i = s~_i · grad_R + dz_i / HW`.
 
-use super::{err, gap, host, linear, map_grad, plane_dots, scale_planes, tensor, vjp, CResult, Device, Tensor};
+use super::{
+    err, gap, host, linear, map_grad, plane_dots, scale_planes, tensor, vjp, CResult, Device, Tensor,
+};
 use crate::kernels::afi as rayon_afi;
 use crate::kernels::{Float, Result};
 
@@ -65,7 +67,8 @@ fn weights(z: &Tensor, p: &[Tensor], b1: Option<usize>, b2: Option<usize>) -> CR
     let s = linear(&hidden, &p[1], b2.map(|i| &p[i]))?.reshape((m, n, c))?;
     // Softmax over the inputs; the shift is a constant for the gradient (and there
     // is nothing to shift, or to take the max of, in an empty batch).
-    let e = if s.elem_count() == 0 { s.exp()? } else { s.broadcast_sub(&s.max_keepdim(0)?.detach())?.exp()? };
+    let e =
+        if s.elem_count() == 0 { s.exp()? } else { s.broadcast_sub(&s.max_keepdim(0)?.detach())?.exp()? };
     let w = e.broadcast_div(&e.sum_keepdim(0)?)?;
     let h = hidden.dim(1)?;
     Ok((hidden.reshape((m, n, h))?, w))
@@ -92,8 +95,10 @@ pub fn backward(grad_out: &Tensor, xs: &[Tensor], p: &Params, z: &Tensor, w: &Te
     let mut inputs = vec![z];
     inputs.extend(s.list.iter().copied());
     let (b1, b2) = (s.b1.map(|i| i + 1), s.b2.map(|i| i + 1));
-    let (_, grads) = vjp(&inputs, &g, |v| Ok(weights(&v[0], &v[1..], b1.map(|i| i - 1), b2.map(|i| i - 1))?.1))?;
-    let xs = (0..xs.len()).map(|i| map_grad(grad_out, &w.get(i)?, &grads[0].get(i)?)).collect::<CResult<_>>()?;
+    let (_, grads) =
+        vjp(&inputs, &g, |v| Ok(weights(&v[0], &v[1..], b1.map(|i| i - 1), b2.map(|i| i - 1))?.1))?;
+    let xs =
+        (0..xs.len()).map(|i| map_grad(grad_out, &w.get(i)?, &grads[0].get(i)?)).collect::<CResult<_>>()?;
     Ok(Grads {
         xs,
         fc1_weight: grads[1].clone(),
@@ -118,11 +123,22 @@ fn maps_on<T: Float>(xs: &[&[T]], dims: &[usize], dev: &Device) -> Result<Vec<Te
 }
 
 /// [`forward`] on the CPU device with `kernels::afi::forward`'s signature.
-pub fn forward_host<T: Float>(xs: &[&[T]], n: usize, c: usize, hw: usize, p: &rayon_afi::Params<T>) -> Result<rayon_afi::Forward<T>> {
+pub fn forward_host<T: Float>(
+    xs: &[&[T]],
+    n: usize,
+    c: usize,
+    hw: usize,
+    p: &rayon_afi::Params<T>,
+) -> Result<rayon_afi::Forward<T>> {
     rayon_afi::validate(xs, n, c, hw, p)?;
     let dev = Device::Cpu;
     let f = forward(&maps_on(xs, &[n, c, hw], &dev)?, &params_on(c, p, &dev)?).map_err(err)?;
-    Ok(rayon_afi::Forward { out: host(&f.out)?, z: host(&f.z)?, hidden: host(&f.hidden)?, weights: host(&f.weights)? })
+    Ok(rayon_afi::Forward {
+        out: host(&f.out)?,
+        z: host(&f.z)?,
+        hidden: host(&f.hidden)?,
+        weights: host(&f.weights)?,
+    })
 }
 
 /// [`backward`] on the CPU device with `kernels::afi::backward`'s signature.

@@ -60,8 +60,11 @@ fn logits(cfg: &Config, f0: &Tensor, p: &[Tensor], outputs: Outputs) -> CResult<
             linear(&combine(&a, &feats)?, &p[2], Some(&p[3]))
         }
         Outputs::All => {
-            let per_level = feats.iter().map(|f| linear(f, &p[2], Some(&p[3]))).collect::<CResult<Vec<_>>>()?;
-            let outs = (0..cfg.num_outputs()).map(|j| combine(&cfg.output_terms(j), &per_level)).collect::<CResult<Vec<_>>>()?;
+            let per_level =
+                feats.iter().map(|f| linear(f, &p[2], Some(&p[3]))).collect::<CResult<Vec<_>>>()?;
+            let outs = (0..cfg.num_outputs())
+                .map(|j| combine(&cfg.output_terms(j), &per_level))
+                .collect::<CResult<Vec<_>>>()?;
             Tensor::stack(&outs, 0)
         }
     }
@@ -96,7 +99,13 @@ pub fn vote(cfg: &Config, f0: &Tensor, p: &Params) -> CResult<Tensor> {
 }
 
 /// The backward from `grad_out` and the pooled features.
-pub fn backward(cfg: &Config, grad_out: &Tensor, p: &Params, pooled: &Tensor, outputs: Outputs) -> CResult<Grads> {
+pub fn backward(
+    cfg: &Config,
+    grad_out: &Tensor,
+    p: &Params,
+    pooled: &Tensor,
+    outputs: Outputs,
+) -> CResult<Grads> {
     let mut inputs = vec![pooled];
     inputs.extend(list(p));
     let (_, g) = vjp(&inputs, grad_out, |v| logits(cfg, &v[0], &v[1..], outputs))?;
@@ -126,7 +135,13 @@ fn pooled_on<T: Float>(d: Dims, x: &[T], dev: &Device) -> Result<Tensor> {
 }
 
 /// [`forward`] on the CPU device with `kernels::ffc::forward`'s signature.
-pub fn forward_host<T: Float>(cfg: &Config, d: Dims, x: &[T], p: &rayon_ffc::Params<T>, outputs: Outputs) -> Result<Vec<T>> {
+pub fn forward_host<T: Float>(
+    cfg: &Config,
+    d: Dims,
+    x: &[T],
+    p: &rayon_ffc::Params<T>,
+    outputs: Outputs,
+) -> Result<Vec<T>> {
     rayon_ffc::validate(cfg, d, x, p)?;
     let dev = Device::Cpu;
     host(&forward(cfg, &pooled_on(d, x, &dev)?, &params_on(cfg, d, p, &dev)?, outputs).map_err(err)?)
@@ -174,7 +189,6 @@ pub fn backward_host<T: Float>(
     })
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,7 +205,12 @@ mod tests {
         let p = rayon_ffc::Params { ln_weight: &lw, ln_bias: &lb, fc_weight: &w, fc_bias: &b };
         let t = tol::<T>();
         for outputs in [Outputs::Ensemble, Outputs::All] {
-            close("out", &forward_host(&cfg, d, &x, &p, outputs).unwrap(), &rayon_ffc::forward(&cfg, d, &x, &p, outputs).unwrap(), t);
+            close(
+                "out",
+                &forward_host(&cfg, d, &x, &p, outputs).unwrap(),
+                &rayon_ffc::forward(&cfg, d, &x, &p, outputs).unwrap(),
+                t,
+            );
             let pooled = crate::kernels::pool::global_avg_pool(&x, hw);
             let dp = Dims { hw: 1 + hw % 2, ..d };
             let len = if outputs == Outputs::All { cfg.num_outputs() * n * k } else { n * k };
@@ -209,7 +228,9 @@ mod tests {
 
     #[test]
     fn candle_matches_rayon() {
-        for (combine, l, hw, k) in [(Combine::Paper, 3, 4, 5), (Combine::Plain, 2, 1, 3), (Combine::Paper, 1, 1, 2)] {
+        for (combine, l, hw, k) in
+            [(Combine::Paper, 3, 4, 5), (Combine::Plain, 2, 1, 3), (Combine::Paper, 1, 1, 2)]
+        {
             check::<f64>(combine, l, hw, k);
             check::<f32>(combine, l, hw, k);
         }

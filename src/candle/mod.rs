@@ -22,8 +22,8 @@ pub mod ffc;
 pub mod ssm;
 
 use crate::kernels::{Error, Float, Result};
-pub use candle_core::{DType, Device, Tensor};
 use candle_core::Var;
+pub use candle_core::{DType, Device, Tensor};
 
 /// A candle failure as the kernels' error (candle only fails here on an internal
 /// inconsistency or a device error: the inputs were validated before).
@@ -57,12 +57,19 @@ pub fn pool_host<T: Float>(x: &[T], hw: usize) -> Vec<T> {
 /// The vector-Jacobian product of `f` at `inputs` with cotangent `cot` (the shape of
 /// `f`'s output): the gradient of `Σ f(inputs) · cot` with respect to each input,
 /// zeros for an input `f` does not use; and `f(inputs)` itself, detached.
-pub fn vjp(inputs: &[&Tensor], cot: &Tensor, f: impl FnOnce(&[Tensor]) -> CResult<Tensor>) -> CResult<(Tensor, Vec<Tensor>)> {
+pub fn vjp(
+    inputs: &[&Tensor],
+    cot: &Tensor,
+    f: impl FnOnce(&[Tensor]) -> CResult<Tensor>,
+) -> CResult<(Tensor, Vec<Tensor>)> {
     let vars = inputs.iter().map(|t| Var::from_tensor(t)).collect::<CResult<Vec<_>>>()?;
     let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let out = f(&ts)?;
     let grads = (&out * cot)?.sum_all()?.backward()?;
-    let g = ts.iter().map(|t| grads.get(t).map_or_else(|| t.zeros_like(), |g| Ok(g.clone()))).collect::<CResult<_>>()?;
+    let g = ts
+        .iter()
+        .map(|t| grads.get(t).map_or_else(|| t.zeros_like(), |g| Ok(g.clone())))
+        .collect::<CResult<_>>()?;
     Ok((out.detach(), g))
 }
 
@@ -113,7 +120,13 @@ pub fn batch_stats(t: &Tensor, eps: f64) -> CResult<BatchStats> {
 /// Batch normalisation of the columns of `t` `[N, C]` (affine `weight`/`bias`):
 /// with the batch's statistics computed in the graph (`stats = None`, training), or
 /// with fixed ones (`Some((mean, invstd))`).
-pub fn batch_norm(t: &Tensor, stats: Option<(&Tensor, &Tensor)>, eps: f64, weight: &Tensor, bias: &Tensor) -> CResult<Tensor> {
+pub fn batch_norm(
+    t: &Tensor,
+    stats: Option<(&Tensor, &Tensor)>,
+    eps: f64,
+    weight: &Tensor,
+    bias: &Tensor,
+) -> CResult<Tensor> {
     let normalized = match stats {
         Some((mean, invstd)) => t.broadcast_sub(mean)?.broadcast_mul(invstd)?,
         None => {

@@ -127,7 +127,14 @@ pub fn forward(cfg: &Config, x: &Tensor, heads: &[Head]) -> CResult<Forward> {
 
 /// The backward from `grad_out` (the forward's output shape), `x` and the saved
 /// concatenated `mean`/`invstd` (used in eval; training recomputes them in the graph).
-pub fn backward(cfg: &Config, grad_out: &Tensor, x: &Tensor, heads: &[Head], mean: &Tensor, invstd: &Tensor) -> CResult<Grads> {
+pub fn backward(
+    cfg: &Config,
+    grad_out: &Tensor,
+    x: &Tensor,
+    heads: &[Head],
+    mean: &Tensor,
+    invstd: &Tensor,
+) -> CResult<Grads> {
     let split = x.dim(1)? / cfg.num_heads;
     let (list, starts) = param_list(heads);
     let mut inputs = vec![x];
@@ -183,10 +190,17 @@ fn heads_on<T: Float>(heads: &[rayon_ssm::Head<T>], k: usize, dev: &Device) -> R
 }
 
 /// [`forward`] on the CPU device with `kernels::ssm::forward`'s signature.
-pub fn forward_host<T: Float>(cfg: &Config, x: &[T], n: usize, c: usize, heads: &[rayon_ssm::Head<T>]) -> Result<rayon_ssm::Forward<T>> {
+pub fn forward_host<T: Float>(
+    cfg: &Config,
+    x: &[T],
+    n: usize,
+    c: usize,
+    heads: &[rayon_ssm::Head<T>],
+) -> Result<rayon_ssm::Forward<T>> {
     rayon_ssm::validate(cfg, x, n, c, heads, true)?;
     let dev = Device::Cpu;
-    let f = forward(cfg, &tensor(x, &[n, c], &dev)?, &heads_on(heads, cfg.num_classes, &dev)?).map_err(err)?;
+    let f =
+        forward(cfg, &tensor(x, &[n, c], &dev)?, &heads_on(heads, cfg.num_classes, &dev)?).map_err(err)?;
     Ok(rayon_ssm::Forward {
         out: host(&f.out)?,
         mean: f.mean.as_ref().map(host).transpose()?.unwrap_or_default(),
@@ -297,7 +311,9 @@ mod tests {
     #[test]
     fn candle_matches_rayon() {
         for training in [true, false] {
-            for (g, norm_last, all) in [(4, false, false), (3, true, true), (1, false, true), (1, true, false)] {
+            for (g, norm_last, all) in
+                [(4, false, false), (3, true, true), (1, false, true), (1, true, false)]
+            {
                 check::<f64>(g, norm_last, training, all);
                 check::<f32>(g, norm_last, training, all);
             }
