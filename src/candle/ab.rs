@@ -239,7 +239,7 @@ mod tests {
     #[test]
     fn errors_are_the_rayon_kernels() {
         let cfg = Config { channels: 4, groups: 4, eps: 1e-5, training: true };
-        let v = vec![0.0f32; 16];
+        let v = [0.0f32; 16];
         let p =
             rayon_ab::Params { conv_weight: &v[..4], conv_bias: None, bn_weight: &v[..4], bn_bias: &v[..4] };
         let r = rayon_ab::Running { mean: &v[..4], var: &v[..4] };

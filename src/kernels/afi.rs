@@ -278,7 +278,7 @@ fn add_weighted_sum<'x, T: Float>(
 /// sweep over `src`.
 #[inline]
 fn write_affine<T: Float, const K: usize>(src: &[T], dst: [&mut [MaybeUninit<T>]; K], coef: [(T, T); K]) {
-    let mut dst = dst.map(|d| &mut d[..src.len()]);
+    let dst = dst.map(|d| &mut d[..src.len()]);
     for (j, &v) in src.iter().enumerate() {
         for k in 0..K {
             dst[k][j].write(coef[k].0 * v + coef[k].1);
