@@ -17,7 +17,10 @@ use pyo3::types::PyTuple;
 /// `conv_bias` `[C]` or None, `bn_weight`/`bn_bias`/`running_mean`/`running_var`
 /// `[C]`. The running statistics are only read (in eval); in training the forward
 /// returns the batch mean and unbiased variance for the caller's running update.
-#[pyclass(module = "cnnboost._core", name = "AB", frozen)]
+// The class lives in the module of the build it comes from (`cnnboost._core`, or
+// `cnnboost_cuda` for the CUDA build), so that its `__module__` is importable.
+#[cfg_attr(not(feature = "cuda"), pyclass(module = "cnnboost._core", name = "AB", frozen))]
+#[cfg_attr(feature = "cuda", pyclass(module = "cnnboost_cuda", name = "AB", frozen))]
 pub struct Ab {
     channels: usize,
     groups: usize,

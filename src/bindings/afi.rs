@@ -17,7 +17,10 @@ use pyo3::types::PyTuple;
 /// Fuses M ≥ 1 same-shape maps `xs` (a list, each `[N, C, H, W]`, read where they
 /// lie) with a shared scorer: `fc1_weight` `[C/r, C]`, `fc2_weight` `[C, C/r]`, biases
 /// optional (None). M may change from call to call.
-#[pyclass(module = "cnnboost._core", name = "AFI", frozen)]
+// The class lives in the module of the build it comes from (`cnnboost._core`, or
+// `cnnboost_cuda` for the CUDA build), so that its `__module__` is importable.
+#[cfg_attr(not(feature = "cuda"), pyclass(module = "cnnboost._core", name = "AFI", frozen))]
+#[cfg_attr(feature = "cuda", pyclass(module = "cnnboost_cuda", name = "AFI", frozen))]
 pub struct Afi {
     channels: usize,
     hidden: usize,

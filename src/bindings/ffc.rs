@@ -17,7 +17,10 @@ use pyo3::types::PyTuple;
 /// (`ln_weight`/`ln_bias` stacked as `[L, C]`, `fc_weight` `[K, C]`, `fc_bias` `[K]`),
 /// so that a framework can own them. Arrays may be NumPy arrays or any object with
 /// `__dlpack__` (torch CPU tensors), float32 or float64, all of one dtype.
-#[pyclass(module = "cnnboost._core", name = "FFC", frozen)]
+// The class lives in the module of the build it comes from (`cnnboost._core`, or
+// `cnnboost_cuda` for the CUDA build), so that its `__module__` is importable.
+#[cfg_attr(not(feature = "cuda"), pyclass(module = "cnnboost._core", name = "FFC", frozen))]
+#[cfg_attr(feature = "cuda", pyclass(module = "cnnboost_cuda", name = "FFC", frozen))]
 pub struct Ffc {
     cfg: Config,
 }

@@ -22,7 +22,10 @@ use pyo3::types::PyTuple;
 /// heads are the first `num_heads - 1` (all `num_heads` with `norm_last_head`).
 /// Arrays may be NumPy arrays or any object with `__dlpack__` (torch CPU tensors),
 /// float32 or float64, all of one dtype.
-#[pyclass(module = "cnnboost._core", name = "SSM", frozen)]
+// The class lives in the module of the build it comes from (`cnnboost._core`, or
+// `cnnboost_cuda` for the CUDA build), so that its `__module__` is importable.
+#[cfg_attr(not(feature = "cuda"), pyclass(module = "cnnboost._core", name = "SSM", frozen))]
+#[cfg_attr(feature = "cuda", pyclass(module = "cnnboost_cuda", name = "SSM", frozen))]
 pub struct Ssm {
     num_heads: usize,
     norm_last_head: bool,
