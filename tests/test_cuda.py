@@ -55,6 +55,16 @@ def test_cuda_results_stay_on_the_gpu_and_keep_running_stats():
     torch.testing.assert_close(fast.bn.running_var, ref.bn.running_var)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA_BUILD, reason="needs the CUDA build (cnnboost-cuda)")
+def test_each_build_names_its_own_module():
+    import cnnboost_cuda
+
+    for name in ("FFC", "SSM", "AB", "AFI"):
+        assert getattr(cnnboost_cuda, name).__module__ == "cnnboost_cuda"
+        assert getattr(_core, name).__module__ == "cnnboost._core"
+
+
 class FakeCudaArray:
     """Looks like a CUDA tensor to DLPack consumers, without a GPU."""
 
