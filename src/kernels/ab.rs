@@ -155,7 +155,9 @@ pub fn forward<T: Float>(
     check_len("running_mean", running.mean, &[c])?;
     check_len("running_var", running.var, &[c])?;
     if !cfg.training && n >= rayon::current_num_threads() {
-        return Ok(forward_eval_per_sample(cfg, x, n, hw, p, running));
+        let (mean, invstd) = (running.mean.to_vec(), batchnorm::eval_invstd(running.var, cfg.eps));
+        let (out, pooled) = forward_eval_per_sample(cfg, x, n, hw, p, (&mean, &invstd));
+        return Ok(Forward { out, pooled, mean, invstd, var_unbiased: Vec::new() });
     }
     let pooled = global_avg_pool(x, hw);
     let t = conv(cfg, &pooled, n, p);
@@ -175,17 +177,16 @@ pub fn forward<T: Float>(
 /// them while they are still in cache (for a 2048×7×7 sample, 400 KB: in L2), where
 /// the two-pass forward reads the whole map twice. Used when there are at least as
 /// many samples as threads; the results are those of the two-pass forward.
+/// Returns `(out, pooled)`; `mean` and `invstd` are the running statistics'.
 fn forward_eval_per_sample<T: Float>(
     cfg: &Config,
     x: &[T],
     n: usize,
     hw: usize,
     p: &Params<T>,
-    running: Running<T>,
-) -> Forward<T> {
+    (mean, invstd): (&[T], &[T]),
+) -> (Vec<T>, Vec<T>) {
     let c = cfg.channels;
-    let mean = running.mean.to_vec();
-    let invstd = batchnorm::eval_invstd(running.var, cfg.eps);
     let mut pooled = vec![T::zero(); n * c];
     let mut out = output_buffer::<T>(n * c * hw);
     let sample = c * hw;
@@ -198,7 +199,7 @@ fn forward_eval_per_sample<T: Float>(
                 *d = plane_mean(plane);
             }
             let t = conv(cfg, y, 1, p);
-            let gate = batchnorm::normalize(&t, 1, c, c, &mean, &invstd, p.bn_weight, p.bn_bias, sigmoid);
+            let gate = batchnorm::normalize(&t, 1, c, c, mean, invstd, p.bn_weight, p.bn_bias, sigmoid);
             for ((op, sp), &g) in o.chunks_exact_mut(hw).zip(xs.chunks_exact(hw)).zip(&gate) {
                 for (d, &v) in op.iter_mut().zip(sp) {
                     d.write(g * v);
@@ -207,7 +208,7 @@ fn forward_eval_per_sample<T: Float>(
         });
     // SAFETY: the chunks cover all `n * c * hw` elements and every one was written.
     unsafe { out.set_len(n * sample) };
-    Forward { out, pooled, mean, invstd, var_unbiased: Vec::new() }
+    (out, pooled)
 }
 
 /// The backward, from `grad_out` and `x` (`[n, C, hw]` each) and what the forward kept.
