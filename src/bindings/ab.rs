@@ -1,6 +1,6 @@
 //! `cnnboost._core.AB`: the AB kernels for NumPy arrays and DLPack objects.
 
-use super::array::{dispatch, expect_rank, expect_shape, input, output, tuple, Input};
+use super::array::{dispatch, expect_rank, expect_shape, input, output, tuple, Host, Input, Reader};
 use super::{backend, compute, to_py_err};
 use crate::candle::ab as candle_ab;
 use crate::kernels::ab::{self, Config, Params, Running};
@@ -27,16 +27,18 @@ pub struct Ab {
     eps: f64,
 }
 
-/// The parameters of one call, read and checked.
-struct Call<'py, T: Element> {
-    w: Input<'py, T>,
-    b: Option<Input<'py, T>>,
-    gamma: Input<'py, T>,
-    beta: Input<'py, T>,
+/// The parameters of one call, read and checked (NumPy arrays or CUDA tensors,
+/// after the [`Reader`]).
+struct Args<A> {
+    w: A,
+    b: Option<A>,
+    gamma: A,
+    beta: A,
 }
 
-impl<'py, T: Element + Float> Call<'py, T> {
-    fn read(
+impl<A> Args<A> {
+    fn read<'py, R: Reader<'py, Arr = A>>(
+        r: &R,
         ab: &Ab,
         conv_weight: &Bound<'py, PyAny>,
         conv_bias: Option<&Bound<'py, PyAny>>,
@@ -45,22 +47,17 @@ impl<'py, T: Element + Float> Call<'py, T> {
     ) -> PyResult<Self> {
         let c = ab.channels;
         let cg = c / ab.groups;
-        let w = input::<T>(conv_weight, "conv_weight")?;
-        if w.shape().len() == 4 {
-            expect_shape("conv_weight", w.shape(), &[c, cg, 1, 1])?;
-        } else {
-            expect_shape("conv_weight", w.shape(), &[c, cg])?;
-        }
-        let b = conv_bias.map(|b| input::<T>(b, "conv_bias")).transpose()?;
-        if let Some(b) = &b {
-            expect_shape("conv_bias", b.shape(), &[c])?;
-        }
-        let gamma = input::<T>(bn_weight, "bn_weight")?;
-        expect_shape("bn_weight", gamma.shape(), &[c])?;
-        let beta = input::<T>(bn_bias, "bn_bias")?;
-        expect_shape("bn_bias", beta.shape(), &[c])?;
-        Ok(Call { w, b, gamma, beta })
+        let w = r.read(conv_weight, "conv_weight")?;
+        let want: &[usize] = if R::dims(&w).len() == 4 { &[c, cg, 1, 1] } else { &[c, cg] };
+        expect_shape("conv_weight", R::dims(&w), want)?;
+        let b = r.optional(conv_bias, "conv_bias", &[c])?;
+        let gamma = r.shaped(bn_weight, "bn_weight", &[c])?;
+        let beta = r.shaped(bn_bias, "bn_bias", &[c])?;
+        Ok(Args { w, b, gamma, beta })
     }
+}
+
+impl<'py, T: Element + Float> Args<Input<'py, T>> {
     fn params(&self) -> Params<'_, T> {
         Params {
             conv_weight: self.w.slice(),
@@ -69,6 +66,23 @@ impl<'py, T: Element + Float> Call<'py, T> {
             bn_bias: self.beta.slice(),
         }
     }
+}
+
+/// What the backward reads back from the forward, checked: `(pooled, mean, invstd)`.
+fn read_saved<'py, R: Reader<'py>>(
+    r: &R,
+    ab: &Ab,
+    n: usize,
+    pooled: &Bound<'py, PyAny>,
+    mean: &Bound<'py, PyAny>,
+    invstd: &Bound<'py, PyAny>,
+) -> PyResult<(R::Arr, R::Arr, R::Arr)> {
+    let c = ab.channels;
+    Ok((
+        r.shaped(pooled, "pooled", &[n, c])?,
+        r.shaped(mean, "mean", &[c])?,
+        r.shaped(invstd, "invstd", &[c])?,
+    ))
 }
 
 impl Ab {
@@ -108,11 +122,10 @@ fn forward_t<'py, T: Element + Float>(
     let xa = input::<T>(x, "x")?;
     let shape = xa.shape().to_vec();
     let (n, hw) = ab.map_dims("x", &shape)?;
-    let call = Call::<T>::read(ab, conv_weight, conv_bias, bn_weight, bn_bias)?;
-    let rm = input::<T>(running_mean, "running_mean")?;
-    expect_shape("running_mean", rm.shape(), &[ab.channels])?;
-    let rv = input::<T>(running_var, "running_var")?;
-    expect_shape("running_var", rv.shape(), &[ab.channels])?;
+    let r = Host::<T>::new();
+    let call = Args::read(&r, ab, conv_weight, conv_bias, bn_weight, bn_bias)?;
+    let rm = r.shaped(running_mean, "running_mean", &[ab.channels])?;
+    let rv = r.shaped(running_var, "running_var", &[ab.channels])?;
     let cfg = ab.config(training);
     let (xs, p, running) = (xa.slice(), call.params(), Running { mean: rm.slice(), var: rv.slice() });
     let f = compute(py, || backend!(ab::forward, candle_ab::forward_host, (&cfg, xs, n, hw, &p, running)))?
@@ -152,13 +165,9 @@ fn backward_t<'py, T: Element + Float>(
     let (n, hw) = ab.map_dims("x", &shape)?;
     expect_shape("grad_out", go.shape(), &shape)?;
     let c = ab.channels;
-    let y = input::<T>(pooled, "pooled")?;
-    expect_shape("pooled", y.shape(), &[n, c])?;
-    let mu = input::<T>(mean, "mean")?;
-    expect_shape("mean", mu.shape(), &[c])?;
-    let is = input::<T>(invstd, "invstd")?;
-    expect_shape("invstd", is.shape(), &[c])?;
-    let call = Call::<T>::read(ab, conv_weight, conv_bias, bn_weight, bn_bias)?;
+    let r = Host::<T>::new();
+    let (y, mu, is) = read_saved(&r, ab, n, pooled, mean, invstd)?;
+    let call = Args::read(&r, ab, conv_weight, conv_bias, bn_weight, bn_bias)?;
     let cfg = ab.config(training);
     let (gos, xs, ys, mus, iss, p) =
         (go.slice(), xa.slice(), y.slice(), mu.slice(), is.slice(), call.params());
@@ -297,11 +306,10 @@ fn forward_cuda<'py>(
             "x: expected more than 1 sample in training (batch statistics need two), got a batch of {n}"
         )));
     }
-    let p = cuda_params(ab, conv_weight, conv_bias, bn_weight, bn_bias, like)?;
-    let rm = dlpack::input(running_mean, "running_mean", Some(like))?;
-    dlpack::expect_shape("running_mean", &rm, &[c])?;
-    let rv = dlpack::input(running_var, "running_var", Some(like))?;
-    dlpack::expect_shape("running_var", &rv, &[c])?;
+    let r = dlpack::Cuda { like: Some(like) };
+    let p = cuda_params(&r, ab, conv_weight, conv_bias, bn_weight, bn_bias)?;
+    let rm = r.shaped(running_mean, "running_mean", &[c])?;
+    let rv = r.shaped(running_var, "running_var", &[c])?;
     let cfg = ab.config(training);
     let dev = xa.device().clone();
     let f = run(py, &dev, || candle_ab::forward(&cfg, &xa.reshape((n, c, hw))?, &p.params, (&rm, &rv)))?;
@@ -348,13 +356,9 @@ fn backward_cuda<'py>(
     let (n, hw) = ab.map_dims("x", &shape)?;
     dlpack::expect_shape("grad_out", &go, &shape)?;
     let c = ab.channels;
-    let y = dlpack::input(pooled, "pooled", Some(like))?;
-    dlpack::expect_shape("pooled", &y, &[n, c])?;
-    let mu = dlpack::input(mean, "mean", Some(like))?;
-    dlpack::expect_shape("mean", &mu, &[c])?;
-    let is = dlpack::input(invstd, "invstd", Some(like))?;
-    dlpack::expect_shape("invstd", &is, &[c])?;
-    let p = cuda_params(ab, conv_weight, conv_bias, bn_weight, bn_bias, like)?;
+    let r = dlpack::Cuda { like: Some(like) };
+    let (y, mu, is) = read_saved(&r, ab, n, pooled, mean, invstd)?;
+    let p = cuda_params(&r, ab, conv_weight, conv_bias, bn_weight, bn_bias)?;
     let cfg = ab.config(training);
     let dev = xa.device().clone();
     let dims = (n, c, hw);
@@ -388,30 +392,15 @@ struct CudaParams {
 
 #[cfg(feature = "cuda")]
 fn cuda_params(
+    r: &super::dlpack::Cuda,
     ab: &Ab,
     conv_weight: &Bound<'_, PyAny>,
     conv_bias: Option<&Bound<'_, PyAny>>,
     bn_weight: &Bound<'_, PyAny>,
     bn_bias: &Bound<'_, PyAny>,
-    like: (candle_core::DType, usize),
 ) -> PyResult<CudaParams> {
-    use super::dlpack;
-    let c = ab.channels;
-    let cg = c / ab.groups;
-    let w = dlpack::input(conv_weight, "conv_weight", Some(like))?;
-    if w.dims().len() == 4 {
-        dlpack::expect_shape("conv_weight", &w, &[c, cg, 1, 1])?;
-    } else {
-        dlpack::expect_shape("conv_weight", &w, &[c, cg])?;
-    }
-    let b = dlpack::optional(conv_bias, "conv_bias", like)?;
-    if let Some(b) = &b {
-        dlpack::expect_shape("conv_bias", b, &[c])?;
-    }
-    let gamma = dlpack::input(bn_weight, "bn_weight", Some(like))?;
-    dlpack::expect_shape("bn_weight", &gamma, &[c])?;
-    let beta = dlpack::input(bn_bias, "bn_bias", Some(like))?;
-    dlpack::expect_shape("bn_bias", &beta, &[c])?;
+    let Args { w, b, gamma, beta } = Args::read(r, ab, conv_weight, conv_bias, bn_weight, bn_bias)?;
+    let (c, cg) = (ab.channels, ab.channels / ab.groups);
     let err = |e: candle_core::Error| PyValueError::new_err(e.to_string());
     let params = candle_ab::Params {
         conv_weight: w.reshape((c, cg)).map_err(err)?,

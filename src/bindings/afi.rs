@@ -1,7 +1,7 @@
 //! `cnnboost._core.AFI`: the AFI kernels for NumPy arrays and DLPack objects.
 
 use super::array::{
-    any_items, dispatch, expect_rank, expect_shape, fmt_shape, input, list, output, tuple, Input,
+    any_items, dispatch, expect_rank, expect_shape, fmt_shape, list, output, tuple, Host, Input, Reader,
 };
 use super::{backend, compute, to_py_err};
 use crate::candle::afi as candle_afi;
@@ -27,10 +27,11 @@ pub struct Afi {
 }
 
 /// The maps of one call, read and checked: `(arrays, shape)`.
-fn read_maps<'py, T: Element + Float>(
+fn read_maps<'py, R: Reader<'py>>(
+    r: &mut R,
     xs: &Bound<'py, PyAny>,
     channels: usize,
-) -> PyResult<(Vec<Input<'py, T>>, Vec<usize>)> {
+) -> PyResult<(Vec<R::Arr>, Vec<usize>)> {
     let items = any_items(xs, "xs")?;
     if items.is_empty() {
         return Err(PyValueError::new_err("xs: expected at least one feature map, got an empty list"));
@@ -39,8 +40,8 @@ fn read_maps<'py, T: Element + Float>(
     let mut shape: Vec<usize> = Vec::new();
     for (i, item) in items.iter().enumerate() {
         let arg = format!("xs[{i}]");
-        let x = input::<T>(item, &arg)?;
-        let s = expect_rank(&arg, x.shape(), 4, "[N, C, H, W]")?.to_vec();
+        let x = r.read(item, &arg)?;
+        let s = expect_rank(&arg, R::dims(&x), 4, "[N, C, H, W]")?.to_vec();
         if i == 0 {
             if s[1] != channels {
                 return Err(PyValueError::new_err(format!(
@@ -48,6 +49,7 @@ fn read_maps<'py, T: Element + Float>(
                     fmt_shape(&s)
                 )));
             }
+            r.follow(&x);
             shape = s;
         } else {
             expect_shape(&arg, &s, &shape)?;
@@ -58,15 +60,16 @@ fn read_maps<'py, T: Element + Float>(
 }
 
 /// The scorer of one call, read and checked.
-struct Scorer<'py, T: Element> {
-    w1: Input<'py, T>,
-    b1: Option<Input<'py, T>>,
-    w2: Input<'py, T>,
-    b2: Option<Input<'py, T>>,
+struct Scorer<A> {
+    w1: A,
+    b1: Option<A>,
+    w2: A,
+    b2: Option<A>,
 }
 
-impl<'py, T: Element + Float> Scorer<'py, T> {
-    fn read(
+impl<A> Scorer<A> {
+    fn read<'py, R: Reader<'py, Arr = A>>(
+        r: &R,
         afi: &Afi,
         fc1_weight: &Bound<'py, PyAny>,
         fc1_bias: Option<&Bound<'py, PyAny>>,
@@ -74,20 +77,16 @@ impl<'py, T: Element + Float> Scorer<'py, T> {
         fc2_bias: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Self> {
         let (c, h) = (afi.channels, afi.hidden);
-        let w1 = input::<T>(fc1_weight, "fc1_weight")?;
-        expect_shape("fc1_weight", w1.shape(), &[h, c])?;
-        let w2 = input::<T>(fc2_weight, "fc2_weight")?;
-        expect_shape("fc2_weight", w2.shape(), &[c, h])?;
-        let b1 = fc1_bias.map(|b| input::<T>(b, "fc1_bias")).transpose()?;
-        if let Some(b) = &b1 {
-            expect_shape("fc1_bias", b.shape(), &[h])?;
-        }
-        let b2 = fc2_bias.map(|b| input::<T>(b, "fc2_bias")).transpose()?;
-        if let Some(b) = &b2 {
-            expect_shape("fc2_bias", b.shape(), &[c])?;
-        }
-        Ok(Scorer { w1, b1, w2, b2 })
+        Ok(Scorer {
+            w1: r.shaped(fc1_weight, "fc1_weight", &[h, c])?,
+            b1: r.optional(fc1_bias, "fc1_bias", &[h])?,
+            w2: r.shaped(fc2_weight, "fc2_weight", &[c, h])?,
+            b2: r.optional(fc2_bias, "fc2_bias", &[c])?,
+        })
     }
+}
+
+impl<'py, T: Element + Float> Scorer<Input<'py, T>> {
     fn params(&self) -> Params<'_, T> {
         Params {
             fc1_weight: self.w1.slice(),
@@ -96,6 +95,26 @@ impl<'py, T: Element + Float> Scorer<'py, T> {
             fc2_bias: self.b2.as_ref().map(|b| b.slice()),
         }
     }
+}
+
+/// What the backward reads back from the forward for `m` maps of `n` samples,
+/// checked: `(z, hidden, weights)`.
+#[allow(clippy::too_many_arguments)]
+fn read_saved<'py, R: Reader<'py>>(
+    r: &R,
+    afi: &Afi,
+    m: usize,
+    n: usize,
+    z: &Bound<'py, PyAny>,
+    hidden: &Bound<'py, PyAny>,
+    weights: &Bound<'py, PyAny>,
+) -> PyResult<(R::Arr, R::Arr, R::Arr)> {
+    let c = afi.channels;
+    Ok((
+        r.shaped(z, "z", &[m, n, c])?,
+        r.shaped(hidden, "hidden", &[m, n, afi.hidden])?,
+        r.shaped(weights, "weights", &[m, n, c])?,
+    ))
 }
 
 fn forward_t<'py, T: Element + Float>(
@@ -108,8 +127,9 @@ fn forward_t<'py, T: Element + Float>(
     fc2_bias: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let py = first.py();
-    let (maps, shape) = read_maps::<T>(xs, afi.channels)?;
-    let scorer = Scorer::<T>::read(afi, fc1_weight, fc1_bias, fc2_weight, fc2_bias)?;
+    let mut r = Host::<T>::new();
+    let (maps, shape) = read_maps(&mut r, xs, afi.channels)?;
+    let scorer = Scorer::read(&r, afi, fc1_weight, fc1_bias, fc2_weight, fc2_bias)?;
     let (n, c, hw) = (shape[0], shape[1], shape[2] * shape[3]);
     let slices: Vec<&[T]> = maps.iter().map(|x| x.slice()).collect();
     let p = scorer.params();
@@ -141,17 +161,12 @@ fn backward_t<'py, T: Element + Float>(
     fc2_bias: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let py = grad_out.py();
-    let (maps, shape) = read_maps::<T>(xs, afi.channels)?;
-    let go = input::<T>(grad_out, "grad_out")?;
-    expect_shape("grad_out", go.shape(), &shape)?;
+    let mut r = Host::<T>::new();
+    let (maps, shape) = read_maps(&mut r, xs, afi.channels)?;
+    let go = r.shaped(grad_out, "grad_out", &shape)?;
     let (m, n, c, hw) = (maps.len(), shape[0], shape[1], shape[2] * shape[3]);
-    let zs = input::<T>(z, "z")?;
-    expect_shape("z", zs.shape(), &[m, n, c])?;
-    let hs = input::<T>(hidden, "hidden")?;
-    expect_shape("hidden", hs.shape(), &[m, n, afi.hidden])?;
-    let ws = input::<T>(weights, "weights")?;
-    expect_shape("weights", ws.shape(), &[m, n, c])?;
-    let scorer = Scorer::<T>::read(afi, fc1_weight, fc1_bias, fc2_weight, fc2_bias)?;
+    let (zs, hs, ws) = read_saved(&r, afi, m, n, z, hidden, weights)?;
+    let scorer = Scorer::read(&r, afi, fc1_weight, fc1_bias, fc2_weight, fc2_bias)?;
     let slices: Vec<&[T]> = maps.iter().map(|x| x.slice()).collect();
     let (gos, p) = (go.slice(), scorer.params());
     let saved = Saved { z: zs.slice(), hidden: hs.slice(), weights: ws.slice() };
@@ -255,41 +270,6 @@ impl Afi {
     }
 }
 
-/// The maps of one CUDA call, read in place and checked.
-#[cfg(feature = "cuda")]
-fn cuda_maps(
-    xs: &Bound<'_, PyAny>,
-    channels: usize,
-    like: Option<(candle_core::DType, usize)>,
-) -> PyResult<(Vec<super::dlpack::CudaIn>, Vec<usize>)> {
-    use super::dlpack::input;
-    let items = any_items(xs, "xs")?;
-    if items.is_empty() {
-        return Err(PyValueError::new_err("xs: expected at least one feature map, got an empty list"));
-    }
-    let mut maps: Vec<super::dlpack::CudaIn> = Vec::with_capacity(items.len());
-    let mut shape = Vec::new();
-    for (i, item) in items.iter().enumerate() {
-        let arg = format!("xs[{i}]");
-        let x = input(item, &arg, like.or_else(|| maps.first().map(|m| m.like())))?;
-        let s = expect_rank(&arg, x.dims(), 4, "[N, C, H, W]")?.to_vec();
-        super::dlpack::expect_samples(&arg, &s)?;
-        if i == 0 {
-            if s[1] != channels {
-                return Err(PyValueError::new_err(format!(
-                    "{arg}: expected {channels} channels in dim 1, got shape {}",
-                    fmt_shape(&s)
-                )));
-            }
-            shape = s;
-        } else {
-            expect_shape(&arg, &s, &shape)?;
-        }
-        maps.push(x);
-    }
-    Ok((maps, shape))
-}
-
 /// The CUDA scorer of one call: candle views (`p`) of the arguments held in `_held`.
 #[cfg(feature = "cuda")]
 struct CudaScorer {
@@ -299,19 +279,14 @@ struct CudaScorer {
 
 #[cfg(feature = "cuda")]
 fn cuda_scorer(
+    r: &super::dlpack::Cuda,
     afi: &Afi,
-    like: (candle_core::DType, usize),
     fc1_weight: &Bound<'_, PyAny>,
     fc1_bias: Option<&Bound<'_, PyAny>>,
     fc2_weight: &Bound<'_, PyAny>,
     fc2_bias: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<CudaScorer> {
-    use super::dlpack::shaped;
-    let (c, h) = (afi.channels, afi.hidden);
-    let w1 = shaped(fc1_weight, "fc1_weight", like, &[h, c])?;
-    let w2 = shaped(fc2_weight, "fc2_weight", like, &[c, h])?;
-    let b1 = fc1_bias.map(|b| shaped(b, "fc1_bias", like, &[h])).transpose()?;
-    let b2 = fc2_bias.map(|b| shaped(b, "fc2_bias", like, &[c])).transpose()?;
+    let Scorer { w1, b1, w2, b2 } = Scorer::read(r, afi, fc1_weight, fc1_bias, fc2_weight, fc2_bias)?;
     let p = candle_afi::Params {
         fc1_weight: (*w1).clone(),
         fc1_bias: b1.as_ref().map(|b| (**b).clone()),
@@ -334,9 +309,11 @@ fn forward_cuda<'py>(
 ) -> PyResult<Bound<'py, PyTuple>> {
     use super::dlpack::{self, candle_err, run};
     let py = first.py();
-    let (maps, shape) = cuda_maps(xs, afi.channels, None)?;
+    let mut r = dlpack::Cuda { like: None };
+    let (maps, shape) = read_maps(&mut r, xs, afi.channels)?;
+    dlpack::expect_samples("xs[0]", &shape)?;
     let like = maps[0].like();
-    let scorer = cuda_scorer(afi, like, fc1_weight, fc1_bias, fc2_weight, fc2_bias)?;
+    let scorer = cuda_scorer(&r, afi, fc1_weight, fc1_bias, fc2_weight, fc2_bias)?;
     let (m, n, c, hw) = (maps.len(), shape[0], shape[1], shape[2] * shape[3]);
     let views = maps
         .iter()
@@ -370,17 +347,17 @@ fn backward_cuda<'py>(
     fc2_weight: &Bound<'py, PyAny>,
     fc2_bias: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
-    use super::dlpack::{self, candle_err, run, shaped};
+    use super::dlpack::{self, candle_err, run};
     let py = grad_out.py();
     let go = dlpack::input(grad_out, "grad_out", None)?;
     let like = go.like();
-    let (maps, shape) = cuda_maps(xs, afi.channels, Some(like))?;
+    let mut r = dlpack::Cuda { like: Some(like) };
+    let (maps, shape) = read_maps(&mut r, xs, afi.channels)?;
+    dlpack::expect_samples("xs[0]", &shape)?;
     expect_shape("grad_out", go.dims(), &shape)?;
     let (m, n, c, hw) = (maps.len(), shape[0], shape[1], shape[2] * shape[3]);
-    let zs = shaped(z, "z", like, &[m, n, c])?;
-    shaped(hidden, "hidden", like, &[m, n, afi.hidden])?;
-    let ws = shaped(weights, "weights", like, &[m, n, c])?;
-    let scorer = cuda_scorer(afi, like, fc1_weight, fc1_bias, fc2_weight, fc2_bias)?;
+    let (zs, _, ws) = read_saved(&r, afi, m, n, z, hidden, weights)?;
+    let scorer = cuda_scorer(&r, afi, fc1_weight, fc1_bias, fc2_weight, fc2_bias)?;
     let dims = (n, c, hw);
     let views =
         maps.iter().map(|x| x.reshape(dims)).collect::<candle_core::Result<Vec<_>>>().map_err(candle_err)?;

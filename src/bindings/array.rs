@@ -132,6 +132,53 @@ pub fn input<'py, T: Element + Float>(obj: &Bound<'py, PyAny>, arg: &str) -> PyR
     Ok(Input { arr: ro })
 }
 
+/// Reads one call's array arguments, so that a binding's shape checks are written
+/// once for both of its paths: [`Host`] reads NumPy arrays of `T` for the CPU
+/// kernels, `dlpack::Cuda` reads CUDA tensors in place for the candle implementation.
+pub trait Reader<'py> {
+    type Arr;
+    /// Reads `obj`, or raises an error naming `arg`.
+    fn read(&self, obj: &Bound<'py, PyAny>, arg: &str) -> PyResult<Self::Arr>;
+    fn dims<'a>(a: &'a Self::Arr) -> &'a [usize];
+    /// [`Reader::read`], then the shape checked.
+    fn shaped(&self, obj: &Bound<'py, PyAny>, arg: &str, shape: &[usize]) -> PyResult<Self::Arr> {
+        let a = self.read(obj, arg)?;
+        expect_shape(arg, Self::dims(&a), shape)?;
+        Ok(a)
+    }
+    /// Called with the first array of a call: later arrays must be like it (CUDA:
+    /// the same dtype and device; NumPy arrays are held to `T` from the start).
+    fn follow(&mut self, _first: &Self::Arr) {}
+    /// [`Reader::shaped`] for an optional argument.
+    fn optional(
+        &self,
+        obj: Option<&Bound<'py, PyAny>>,
+        arg: &str,
+        shape: &[usize],
+    ) -> PyResult<Option<Self::Arr>> {
+        obj.map(|o| self.shaped(o, arg, shape)).transpose()
+    }
+}
+
+/// Reads NumPy arrays (or anything `numpy.asarray` takes) of `T`; see [`input`].
+pub struct Host<T>(std::marker::PhantomData<T>);
+
+impl<T> Host<T> {
+    pub fn new() -> Self {
+        Host(std::marker::PhantomData)
+    }
+}
+
+impl<'py, T: Element + Float> Reader<'py> for Host<T> {
+    type Arr = Input<'py, T>;
+    fn read(&self, obj: &Bound<'py, PyAny>, arg: &str) -> PyResult<Input<'py, T>> {
+        input::<T>(obj, arg)
+    }
+    fn dims<'a>(a: &'a Input<'py, T>) -> &'a [usize] {
+        a.shape()
+    }
+}
+
 /// The sizes of an array that must have `rank` dimensions (`layout` names them).
 pub fn expect_rank<'a>(arg: &str, shape: &'a [usize], rank: usize, layout: &str) -> PyResult<&'a [usize]> {
     if shape.len() != rank {

@@ -242,9 +242,23 @@ pub fn input(obj: &Bound<'_, PyAny>, arg: &str, like: Option<(DType, usize)>) ->
     Ok(CudaIn { tensor: ManuallyDrop::new(tensor), managed, device_id: id })
 }
 
-/// An optional CUDA argument.
-pub fn optional(obj: Option<&Bound<'_, PyAny>>, arg: &str, like: (DType, usize)) -> PyResult<Option<CudaIn>> {
-    obj.map(|o| input(o, arg, Some(like))).transpose()
+/// Reads CUDA arguments that share `like`, the dtype and device of the call's first
+/// array (None until that first array is read; see [`input`]).
+pub struct Cuda {
+    pub like: Option<(DType, usize)>,
+}
+
+impl<'py> super::array::Reader<'py> for Cuda {
+    type Arr = CudaIn;
+    fn read(&self, obj: &Bound<'py, PyAny>, arg: &str) -> PyResult<CudaIn> {
+        input(obj, arg, self.like)
+    }
+    fn dims<'a>(a: &'a CudaIn) -> &'a [usize] {
+        a.tensor.dims()
+    }
+    fn follow(&mut self, first: &CudaIn) {
+        self.like.get_or_insert(first.like());
+    }
 }
 
 /// CUDA cannot allocate the zero-byte buffers an empty batch needs: a clear error.
