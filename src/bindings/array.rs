@@ -139,7 +139,7 @@ pub trait Reader<'py> {
     type Arr;
     /// Reads `obj`, or raises an error naming `arg`.
     fn read(&self, obj: &Bound<'py, PyAny>, arg: &str) -> PyResult<Self::Arr>;
-    fn dims<'a>(a: &'a Self::Arr) -> &'a [usize];
+    fn dims(a: &Self::Arr) -> &[usize];
     /// [`Reader::read`], then the shape checked.
     fn shaped(&self, obj: &Bound<'py, PyAny>, arg: &str, shape: &[usize]) -> PyResult<Self::Arr> {
         let a = self.read(obj, arg)?;

@@ -1,6 +1,8 @@
 //! `cnnboost._core.FFC`: the FFC kernels for NumPy arrays and DLPack objects.
 
-use super::array::{dispatch, expect_rank, expect_shape, input, input_dims, output, tuple};
+use super::array::{
+    dispatch, expect_rank, expect_shape, input, input_dims, output, tuple, Host, Input, Reader,
+};
 use super::{backend, compute, to_py_err};
 use crate::candle::{self, ffc as candle_ffc};
 use crate::kernels::ffc::{self, Combine, Config, Dims, Outputs, Params};
@@ -25,17 +27,19 @@ pub struct Ffc {
     cfg: Config,
 }
 
-/// The fixed arguments of one call, read and checked.
-struct Call<'py, T: Element> {
-    lw: super::array::Input<'py, T>,
-    lb: super::array::Input<'py, T>,
-    fw: super::array::Input<'py, T>,
-    fb: super::array::Input<'py, T>,
+/// The fixed arguments of one call, read and checked (NumPy arrays or CUDA tensors,
+/// after the [`Reader`]).
+struct Call<A> {
+    lw: A,
+    lb: A,
+    fw: A,
+    fb: A,
     k: usize,
 }
 
-impl<'py, T: Element + Float> Call<'py, T> {
-    fn read(
+impl<A> Call<A> {
+    fn read<'py, R: Reader<'py, Arr = A>>(
+        r: &R,
         cfg: &Config,
         c: usize,
         ln_weight: &Bound<'py, PyAny>,
@@ -43,17 +47,17 @@ impl<'py, T: Element + Float> Call<'py, T> {
         fc_weight: &Bound<'py, PyAny>,
         fc_bias: &Bound<'py, PyAny>,
     ) -> PyResult<Self> {
-        let lw = input::<T>(ln_weight, "ln_weight")?;
-        expect_shape("ln_weight", lw.shape(), &[cfg.num_filters, c])?;
-        let lb = input::<T>(ln_bias, "ln_bias")?;
-        expect_shape("ln_bias", lb.shape(), &[cfg.num_filters, c])?;
-        let fw = input::<T>(fc_weight, "fc_weight")?;
-        let k = expect_rank("fc_weight", fw.shape(), 2, "[num_classes, C]")?[0];
-        expect_shape("fc_weight", fw.shape(), &[k, c])?;
-        let fb = input::<T>(fc_bias, "fc_bias")?;
-        expect_shape("fc_bias", fb.shape(), &[k])?;
+        let lw = r.shaped(ln_weight, "ln_weight", &[cfg.num_filters, c])?;
+        let lb = r.shaped(ln_bias, "ln_bias", &[cfg.num_filters, c])?;
+        let fw = r.read(fc_weight, "fc_weight")?;
+        let k = expect_rank("fc_weight", R::dims(&fw), 2, "[num_classes, C]")?[0];
+        expect_shape("fc_weight", R::dims(&fw), &[k, c])?;
+        let fb = r.shaped(fc_bias, "fc_bias", &[k])?;
         Ok(Call { lw, lb, fw, fb, k })
     }
+}
+
+impl<'py, T: Element + Float> Call<Input<'py, T>> {
     fn params(&self) -> Params<'_, T> {
         Params {
             ln_weight: self.lw.slice(),
@@ -61,6 +65,14 @@ impl<'py, T: Element + Float> Call<'py, T> {
             fc_weight: self.fw.slice(),
             fc_bias: self.fb.slice(),
         }
+    }
+}
+
+/// The shape of the logits for `n` samples of `k` classes.
+fn out_shape(cfg: &Config, outputs: Outputs, n: usize, k: usize) -> Vec<usize> {
+    match outputs {
+        Outputs::Ensemble => vec![n, k],
+        Outputs::All => vec![cfg.num_outputs(), n, k],
     }
 }
 
@@ -78,7 +90,7 @@ fn forward_t<'py, T: Element + Float>(
     let xa = input::<T>(x, "x")?;
     let (n, c, hw) = input_dims(xa.shape())?;
     let map = xa.shape().len() == 4;
-    let call = Call::<T>::read(cfg, c, ln_weight, ln_bias, fc_weight, fc_bias)?;
+    let call = Call::read(&Host::<T>::new(), cfg, c, ln_weight, ln_bias, fc_weight, fc_bias)?;
     let (xs, p) = (xa.slice(), call.params());
     let d = Dims { n, c, hw: 1, k: call.k };
     let (out, pooled) = compute(py, || {
@@ -89,10 +101,7 @@ fn forward_t<'py, T: Element + Float>(
         backend!(ffc::forward, candle_ffc::forward_host, (cfg, d, f0, &p, outputs)).map(|out| (out, pooled))
     })?
     .map_err(to_py_err)?;
-    let out_shape = match outputs {
-        Outputs::Ensemble => vec![n, d.k],
-        Outputs::All => vec![cfg.num_outputs(), n, d.k],
-    };
+    let out_shape = out_shape(cfg, outputs, n, d.k);
     let pooled = match pooled {
         Some(v) => output(py, v, &[n, c])?,
         None => output(py, Vec::<T>::new(), &[0])?,
@@ -117,13 +126,9 @@ fn backward_t<'py, T: Element + Float>(
     let f0 = input::<T>(pooled, "pooled")?;
     let fshape = expect_rank("pooled", f0.shape(), 2, "[N, C]")?;
     let (n, c) = (fshape[0], fshape[1]);
-    let call = Call::<T>::read(cfg, c, ln_weight, ln_bias, fc_weight, fc_bias)?;
+    let call = Call::read(&Host::<T>::new(), cfg, c, ln_weight, ln_bias, fc_weight, fc_bias)?;
     let go = input::<T>(grad_out, "grad_out")?;
-    let want = match outputs {
-        Outputs::Ensemble => vec![n, call.k],
-        Outputs::All => vec![cfg.num_outputs(), n, call.k],
-    };
-    expect_shape("grad_out", go.shape(), &want)?;
+    expect_shape("grad_out", go.shape(), &out_shape(cfg, outputs, n, call.k))?;
     if hw == 0 {
         return Err(PyValueError::new_err("hw: expected H*W >= 1, got 0"));
     }
@@ -155,7 +160,7 @@ fn vote_t<'py, T: Element + Float>(
     let py = x.py();
     let xa = input::<T>(x, "x")?;
     let (n, c, hw) = input_dims(xa.shape())?;
-    let call = Call::<T>::read(cfg, c, ln_weight, ln_bias, fc_weight, fc_bias)?;
+    let call = Call::read(&Host::<T>::new(), cfg, c, ln_weight, ln_bias, fc_weight, fc_bias)?;
     let d = Dims { n, c, hw, k: call.k };
     let (xs, p) = (xa.slice(), call.params());
     let scores =
@@ -296,13 +301,8 @@ impl CudaCall {
         fc_weight: &Bound<'_, PyAny>,
         fc_bias: &Bound<'_, PyAny>,
     ) -> PyResult<Self> {
-        use super::dlpack::{input, shaped};
-        let lw = shaped(ln_weight, "ln_weight", like, &[cfg.num_filters, c])?;
-        let lb = shaped(ln_bias, "ln_bias", like, &[cfg.num_filters, c])?;
-        let fw = input(fc_weight, "fc_weight", Some(like))?;
-        let k = expect_rank("fc_weight", fw.dims(), 2, "[num_classes, C]")?[0];
-        expect_shape("fc_weight", fw.dims(), &[k, c])?;
-        let fb = shaped(fc_bias, "fc_bias", like, &[k])?;
+        let r = super::dlpack::Cuda { like: Some(like) };
+        let Call { lw, lb, fw, fb, k } = Call::read(&r, cfg, c, ln_weight, ln_bias, fc_weight, fc_bias)?;
         let p = candle_ffc::Params {
             ln_weight: (*lw).clone(),
             ln_bias: (*lb).clone(),
@@ -342,10 +342,7 @@ fn forward_cuda<'py>(
         let pooled = candle::gap(&x3)?;
         Ok((candle_ffc::forward(cfg, &pooled, &call.p, outputs)?, pooled))
     })?;
-    let out_shape = match outputs {
-        Outputs::Ensemble => vec![n, call.k],
-        Outputs::All => vec![cfg.num_outputs(), n, call.k],
-    };
+    let out_shape = out_shape(cfg, outputs, n, call.k);
     let id = xa.device_id;
     let pooled = if map {
         dlpack::output(py, pooled, &[n, c], id)?
@@ -376,11 +373,7 @@ fn backward_cuda<'py>(
     let (n, c) = (fshape[0], fshape[1]);
     dlpack::expect_samples("pooled", fshape)?;
     let call = CudaCall::read(cfg, c, go.like(), ln_weight, ln_bias, fc_weight, fc_bias)?;
-    let want = match outputs {
-        Outputs::Ensemble => vec![n, call.k],
-        Outputs::All => vec![cfg.num_outputs(), n, call.k],
-    };
-    expect_shape("grad_out", go.dims(), &want)?;
+    expect_shape("grad_out", go.dims(), &out_shape(cfg, outputs, n, call.k))?;
     if hw == 0 {
         return Err(PyValueError::new_err("hw: expected H*W >= 1, got 0"));
     }

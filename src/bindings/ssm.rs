@@ -1,7 +1,8 @@
 //! `cnnboost._core.SSM`: the SSM kernels for NumPy arrays and DLPack objects.
 
 use super::array::{
-    dispatch, expect_rank, expect_shape, fmt_shape, input, input_dims, items, list, output, tuple, Input,
+    dispatch, expect_rank, expect_shape, fmt_shape, input, input_dims, items, list, output, tuple, Host,
+    Input, Reader,
 };
 use super::{backend, compute, to_py_err};
 use crate::candle::{self, ssm as candle_ssm};
@@ -61,40 +62,41 @@ fn split_of(arg: &str, shape: &[usize], c: usize, g: usize) -> PyResult<usize> {
     Ok(c / g)
 }
 
-/// The per-head parameters of one call, read and checked.
-struct Params<'py, T: Element> {
-    fc_weights: Vec<Input<'py, T>>,
-    fc_biases: Vec<Input<'py, T>>,
-    bn_weights: Vec<Input<'py, T>>,
-    bn_biases: Vec<Input<'py, T>>,
+/// The per-head parameters of one call, read and checked (NumPy arrays or CUDA
+/// tensors, after the [`Reader`]).
+struct Params<A> {
+    fc_weights: Vec<A>,
+    fc_biases: Vec<A>,
+    bn_weights: Vec<A>,
+    bn_biases: Vec<A>,
     /// Empty for the backward (it uses the saved statistics).
-    running_means: Vec<Input<'py, T>>,
-    running_vars: Vec<Input<'py, T>>,
+    running_means: Vec<A>,
+    running_vars: Vec<A>,
     k: usize,
 }
 
 /// The arrays of a list argument, the `h`-th of shape `shape(h)`.
-fn read_list<'py, T: Element + Float>(
+fn read_list<'py, R: Reader<'py>>(
+    r: &R,
     obj: &Bound<'py, PyAny>,
     arg: &str,
     len: usize,
     what: &str,
     shape: impl Fn(usize) -> Vec<usize>,
-) -> PyResult<Vec<Input<'py, T>>> {
+) -> PyResult<Vec<R::Arr>> {
     let mut out = Vec::with_capacity(len);
     for (h, item) in items(obj, arg, len, what)?.iter().enumerate() {
-        let name = format!("{arg}[{h}]");
-        let a = input::<T>(item, &name)?;
-        expect_shape(&name, a.shape(), &shape(h))?;
-        out.push(a);
+        out.push(r.shaped(item, &format!("{arg}[{h}]"), &shape(h))?);
     }
     Ok(out)
 }
 
-impl<'py, T: Element + Float> Params<'py, T> {
+impl<A> Params<A> {
     /// `running` is `(running_means, running_vars)` for the forward, `None` for the
     /// backward.
-    fn read(
+    #[allow(clippy::too_many_arguments)]
+    fn read<'py, R: Reader<'py, Arr = A>>(
+        r: &R,
         m: &Ssm,
         split: usize,
         fc_weights: &Bound<'py, PyAny>,
@@ -112,23 +114,25 @@ impl<'py, T: Element + Float> Params<'py, T> {
         );
         // K comes from the first head's weight.
         let first = items(fc_weights, "fc_weights", g, &heads)?;
-        let w0 = input::<T>(&first[0], "fc_weights[0]")?;
-        let k = expect_rank("fc_weights[0]", w0.shape(), 2, "[num_classes, C / num_heads]")?[0];
+        let w0 = r.read(&first[0], "fc_weights[0]")?;
+        let k = expect_rank("fc_weights[0]", R::dims(&w0), 2, "[num_classes, C / num_heads]")?[0];
         drop(w0);
-        let fc_weights = read_list(fc_weights, "fc_weights", g, &heads, |h| vec![k, (h + 1) * split])?;
-        let fc_biases = read_list(fc_biases, "fc_biases", g, &heads, |_| vec![k])?;
-        let bn_weights = read_list(bn_weights, "bn_weights", hn, &normed, width)?;
-        let bn_biases = read_list(bn_biases, "bn_biases", hn, &normed, width)?;
+        let fc_weights = read_list(r, fc_weights, "fc_weights", g, &heads, |h| vec![k, (h + 1) * split])?;
+        let fc_biases = read_list(r, fc_biases, "fc_biases", g, &heads, |_| vec![k])?;
+        let bn_weights = read_list(r, bn_weights, "bn_weights", hn, &normed, width)?;
+        let bn_biases = read_list(r, bn_biases, "bn_biases", hn, &normed, width)?;
         let (running_means, running_vars) = match running {
             Some((means, vars)) => (
-                read_list(means, "running_means", hn, &normed, width)?,
-                read_list(vars, "running_vars", hn, &normed, width)?,
+                read_list(r, means, "running_means", hn, &normed, width)?,
+                read_list(r, vars, "running_vars", hn, &normed, width)?,
             ),
             None => (Vec::new(), Vec::new()),
         };
         Ok(Params { fc_weights, fc_biases, bn_weights, bn_biases, running_means, running_vars, k })
     }
+}
 
+impl<'py, T: Element + Float> Params<Input<'py, T>> {
     fn heads(&self) -> Vec<Head<'_, T>> {
         fn running<'a, T: Element>(v: &'a [Input<'_, T>], h: usize) -> &'a [T] {
             v.get(h).map_or(&[], |a| a.slice())
@@ -166,7 +170,8 @@ fn forward_t<'py, T: Element + Float>(
     let (n, c, hw) = input_dims(xa.shape())?;
     let split = split_of("x", xa.shape(), c, m.num_heads)?;
     let map = xa.shape().len() == 4;
-    let p = Params::<T>::read(
+    let p = Params::read(
+        &Host::<T>::new(),
         m,
         split,
         fc_weights,
@@ -222,7 +227,7 @@ fn backward_t<'py, T: Element + Float>(
     let shape = expect_rank("pooled", feats.shape(), 2, "[N, C]")?;
     let (n, c) = (shape[0], shape[1]);
     let split = split_of("pooled", shape, c, m.num_heads)?;
-    let p = Params::<T>::read(m, split, fc_weights, fc_biases, bn_weights, bn_biases, None)?;
+    let p = Params::read(&Host::<T>::new(), m, split, fc_weights, fc_biases, bn_weights, bn_biases, None)?;
     let cfg = m.config(p.k, training, outputs);
     let len = ssm::stats_len(&cfg, c);
     let mu = input::<T>(mean, "mean")?;
@@ -407,42 +412,17 @@ impl CudaParams {
         bn_biases: &Bound<'_, PyAny>,
         running: Option<(&Bound<'_, PyAny>, &Bound<'_, PyAny>)>,
     ) -> PyResult<Self> {
-        use super::dlpack::{input, shaped, CudaIn};
+        let r = super::dlpack::Cuda { like: Some(like) };
         let (g, hn) = (m.num_heads, m.normalised());
-        let heads_doc = format!("one per head: num_heads = {g}");
-        let normed = format!("one per normalised head: {hn}");
-        let list = |obj: &Bound<'_, PyAny>,
-                    arg: &str,
-                    len: usize,
-                    what: &str,
-                    shape: &dyn Fn(usize) -> Vec<usize>|
-         -> PyResult<Vec<CudaIn>> {
-            items(obj, arg, len, what)?
-                .iter()
-                .enumerate()
-                .map(|(h, item)| shaped(item, &format!("{arg}[{h}]"), like, &shape(h)))
-                .collect()
-        };
-        let first = items(fc_weights, "fc_weights", g, &heads_doc)?;
-        let k = expect_rank(
-            "fc_weights[0]",
-            input(&first[0], "fc_weights[0]", Some(like))?.dims(),
-            2,
-            "[num_classes, C / num_heads]",
-        )?[0];
-        let width = |h: usize| vec![(h + 1) * split];
-        let fw = list(fc_weights, "fc_weights", g, &heads_doc, &|h| vec![k, (h + 1) * split])?;
-        let fb = list(fc_biases, "fc_biases", g, &heads_doc, &|_| vec![k])?;
-        let bw = list(bn_weights, "bn_weights", hn, &normed, &width)?;
-        let bb = list(bn_biases, "bn_biases", hn, &normed, &width)?;
-        let (rm, rv) = match running {
-            Some((means, vars)) => (
-                list(means, "running_means", hn, &normed, &width)?,
-                list(vars, "running_vars", hn, &normed, &width)?,
-            ),
-            // The backward reads the saved statistics; the running ones are unused.
-            None => (Vec::new(), Vec::new()),
-        };
+        let Params {
+            fc_weights: fw,
+            fc_biases: fb,
+            bn_weights: bw,
+            bn_biases: bb,
+            running_means: rm,
+            running_vars: rv,
+            k,
+        } = Params::read(&r, m, split, fc_weights, fc_biases, bn_weights, bn_biases, running)?;
         let heads = (0..g)
             .map(|h| candle_ssm::Head {
                 fc_weight: (*fw[h]).clone(),
