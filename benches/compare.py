@@ -196,13 +196,17 @@ def main(argv: Optional[Sequence[str]] = None):
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--device", default="cpu",
                         help="cpu, or cuda (needs the CUDA build, cnnboost-cuda: README, 'CUDA')")
+    parser.add_argument("--gemm", choices=["blas", "builtin"],
+                        help="what computes cnnboost's CPU products (default: torch's BLAS where torch has one)")
     args = parser.parse_args(argv)
+    if args.gemm:
+        cnnboost.set_gemm(args.gemm)
     torch.set_default_device(args.device)
     cases = [c for group in CASE_GROUPS.values() for c in group() if c.name.startswith(args.only)]
     gflops, gbs = machine_rates()
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {args.device}: {where}, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, cnnboost GEMM: {cnnboost.get_gemm()}; "
           f"roofline: torch GEMM {gflops:.0f} GFLOP/s, copy {gbs:.1f} GB/s; medians of {args.reps}")
     head = f"{'case':<28} {'cnnboost':>9} {'eager':>9} {'compile':>9} {'vs eager':>9} {'vs comp.':>9}  achieved"
     print(head)

@@ -11,15 +11,22 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 
-@pytest.fixture(params=["rayon", "candle"])
+@pytest.fixture(params=["rayon", "rayon/builtin-gemm", "candle"])
 def each_backend(request):
-    """Runs a test once on the rayon kernels and once on the candle implementation
-    (on candle's CPU device: the code CUDA runs), then restores the default."""
+    """Runs a test on the rayon kernels (their products on torch's BLAS, the default
+    where torch exports one), on the rayon kernels with the built-in GEMM (the `gemm`
+    crate), and on the candle implementation (on candle's CPU device: the code CUDA
+    runs); then restores the defaults."""
     import cnnboost
 
-    cnnboost.set_backend(request.param)
+    backend, _, gemm = request.param.partition("/")
+    before = cnnboost.get_gemm()
+    cnnboost.set_backend(backend)
+    if gemm:
+        cnnboost.set_gemm("builtin")
     yield request.param
     cnnboost.set_backend("rayon")
+    cnnboost.set_gemm(before)
 
 
 @pytest.fixture(autouse=True)

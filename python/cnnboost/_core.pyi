@@ -36,6 +36,16 @@ def set_backend(name: str) -> None:
 def get_backend() -> str:
     """The backend of CPU calls: ``"rayon"`` or ``"candle"``."""
 
+def get_gemm() -> str:
+    """What computes the kernels' matrix products: ``"blas"`` (a registered BLAS;
+    the torch modules register torch's) or ``"builtin"`` (the ``gemm`` crate)."""
+
+def _set_blas(sgemm: int, dgemm: int) -> None:
+    """Registers a BLAS's ``sgemm_``/``dgemm_`` by address (``(0, 0)``: back to the
+    built-in GEMM). Checked by a small product; raises ``RuntimeError`` if it
+    differs. An address that is not such a function crashes the process: use
+    ``cnnboost.set_gemm``."""
+
 class FFC:
     """Sequential Feature Filtering Classifier kernels. Holds only the
     hyper-parameters; parameters are passed to each call: ``ln_weight``/``ln_bias``

@@ -26,6 +26,52 @@ def _follow_torch_threads() -> None:
 _follow_torch_threads()
 
 
+def torch_blas() -> tuple[int, int] | None:
+    """The addresses of the ``sgemm_`` and ``dgemm_`` that torch's CPU library exports
+    (MKL in torch's x86 Linux wheels), or None where it exports none."""
+    import ctypes
+    import os
+
+    libdir = os.path.join(os.path.dirname(torch.__file__), "lib")
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+        path = os.path.join(libdir, name)
+        if not os.path.exists(path):
+            continue
+        try:
+            lib = ctypes.CDLL(path)  # already loaded by torch: this only finds it
+            return tuple(ctypes.cast(getattr(lib, f), ctypes.c_void_p).value for f in ("sgemm_", "dgemm_"))
+        except (OSError, AttributeError):
+            return None
+    return None
+
+
+def _use_torch_blas() -> None:
+    """Computes the kernels' products with torch's BLAS, unless the user chose
+    (``cnnboost.set_gemm``, or ``CNNBOOST_GEMM``); where torch has none to lend, the
+    built-in GEMM stays."""
+    import os
+    import warnings
+
+    import cnnboost
+
+    if cnnboost._gemm_chosen:
+        return
+    choice = os.environ.get("CNNBOOST_GEMM")
+    if choice:
+        cnnboost.set_gemm(choice)
+        return
+    fns = torch_blas()
+    if fns is None:
+        return
+    try:
+        cnnboost._core._set_blas(*fns)
+    except RuntimeError as e:  # its check product came out wrong: keep the built-in GEMM
+        warnings.warn(f"{e}; cnnboost uses its built-in GEMM", RuntimeWarning, stacklevel=2)
+
+
+_use_torch_blas()
+
+
 def to_array(t: torch.Tensor):
     """What the kernels read: a NumPy view of a CPU tensor (no copy; strides kept: the
     kernels copy only a layout they cannot read in place), or the CUDA tensor itself

@@ -141,6 +141,25 @@ fn get_backend() -> &'static str {
     }
 }
 
+/// Registers a BLAS's `sgemm_` and `dgemm_` (function addresses) for the kernels'
+/// products, or with `(0, 0)` goes back to the built-in `gemm` crate. The Python
+/// package passes torch's (`cnnboost.set_gemm`); an address that is not such a
+/// function crashes the process, which is why this is private.
+#[pyfunction]
+fn _set_blas(sgemm: usize, dgemm: usize) -> PyResult<()> {
+    let fns = (sgemm != 0 || dgemm != 0).then_some((sgemm, dgemm));
+    // SAFETY: the caller's contract above; the functions are checked by a product.
+    unsafe { kernels::gemm::use_blas(fns) }
+        .map_err(|e| PyRuntimeError::new_err(format!("cnnboost: this BLAS cannot be used: {e}")))
+}
+
+/// What computes the kernels' matrix products: `"blas"` (a registered BLAS, torch's
+/// by default) or `"builtin"` (the `gemm` crate).
+#[pyfunction]
+fn get_gemm() -> &'static str {
+    kernels::gemm::backend()
+}
+
 /// Runs `$rayon` or, under `set_backend("candle")`, `$candle`: two calls of the
 /// same signature (the candle `*_host` adapters mirror the rayon kernels').
 macro_rules! backend {
@@ -165,6 +184,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(set_backend, m)?)?;
     m.add_function(wrap_pyfunction!(get_backend, m)?)?;
+    m.add_function(wrap_pyfunction!(_set_blas, m)?)?;
+    m.add_function(wrap_pyfunction!(get_gemm, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_in_kernel, m)?)?;
     m.add_class::<ab::Ab>()?;
     m.add_class::<afi::Afi>()?;

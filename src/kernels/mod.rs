@@ -1,4 +1,5 @@
-//! CPU kernels (rayon + the `gemm` crate), generic over `f32` and `f64`.
+//! CPU kernels (rayon, and a GEMM: the `gemm` crate or a registered BLAS, see
+//! [`gemm`]), generic over `f32` and `f64`.
 //!
 //! Conventions shared by every module:
 //! * inputs are contiguous row-major slices plus explicit sizes; kernels validate
@@ -24,7 +25,16 @@ use std::fmt::Debug;
 /// The element types the kernels are instantiated for.
 /// `WithDType` lets the same types cross into the candle implementation.
 pub trait Float:
-    num_traits::Float + Copy + Default + Debug + Send + Sync + std::iter::Sum + candle_core::WithDType + 'static
+    num_traits::Float
+    + Copy
+    + Default
+    + Debug
+    + Send
+    + Sync
+    + std::iter::Sum
+    + candle_core::WithDType
+    + gemm::BlasScalar
+    + 'static
 {
     /// The NumPy/torch name of the type, for error messages.
     const NAME: &'static str;
