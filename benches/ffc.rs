@@ -45,7 +45,7 @@ impl Setup {
 #[divan::bench]
 fn gemm_alone(b: Bencher) {
     let s = Setup::new(1);
-    b.bench(|| matmul_new(Mat::new(&s.x, N, C), Mat::new(&s.fw, K, C).t()));
+    b.bench(|| matmul_new(Mat::new(&s.x, N, C), Mat::new(&s.fw, K, C).t(), 1.0));
 }
 
 #[divan::bench(args = [1, 49])]

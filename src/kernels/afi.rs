@@ -387,8 +387,8 @@ pub fn backward<T: Float>(
     // Scorer backward, all M at once.
     let h = saved.hidden;
     let fc2_bias = p.fc2_bias.map(|_| column_sums(&ds, c));
-    let fc2_weight = matmul_new(Mat::new(&ds, mn, c).t(), Mat::new(h, mn, hidden));
-    let mut dh = matmul_new(Mat::new(&ds, mn, c), Mat::new(p.fc2_weight, c, hidden));
+    let fc2_weight = matmul_new(Mat::new(&ds, mn, c).t(), Mat::new(h, mn, hidden), T::one());
+    let mut dh = matmul_new(Mat::new(&ds, mn, c), Mat::new(p.fc2_weight, c, hidden), T::one());
     for (dv, hv) in dh.iter_mut().zip(h) {
         // As torch's threshold_backward: the gradient passes where the output > 0.
         if *hv <= T::zero() {
@@ -396,8 +396,8 @@ pub fn backward<T: Float>(
         }
     }
     let fc1_bias = p.fc1_bias.map(|_| column_sums(&dh, hidden));
-    let fc1_weight = matmul_new(Mat::new(&dh, mn, hidden).t(), Mat::new(saved.z, mn, c));
-    let mut dz = matmul_new(Mat::new(&dh, mn, hidden), Mat::new(p.fc1_weight, hidden, c));
+    let fc1_weight = matmul_new(Mat::new(&dh, mn, hidden).t(), Mat::new(saved.z, mn, c), T::one());
+    let mut dz = matmul_new(Mat::new(&dh, mn, hidden), Mat::new(p.fc1_weight, hidden, c), T::one());
     let inv_hw = T::of(1.0 / hw as f64);
     for v in dz.iter_mut() {
         *v *= inv_hw;

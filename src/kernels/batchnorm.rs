@@ -112,6 +112,37 @@ pub fn backward<T: Float>(
     gamma: &[T],
     training: bool,
 ) -> BatchNormGrads<T> {
+    let mut dx = vec![T::zero(); n * c];
+    let (dgamma, dbeta) = backward_into(dy, None, x, n, c, ld, mean, invstd, gamma, training, &mut dx, c);
+    BatchNormGrads { dx, dgamma, dbeta }
+}
+
+/// [`backward`] that adds `dx` into the first `c` columns of `dx_out` (`ld_out`
+/// elements per row) and returns `(dgamma, dbeta)`. With `relu_out` (the `[n, c]`
+/// output of `normalize` with a ReLU), `dy` is the gradient of the ReLU's output and
+/// is taken as zero where that output is ≤ 0 (torch's `threshold_backward`), without
+/// a masked copy of `dy`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_into<T: Float>(
+    dy: &[T],
+    relu_out: Option<&[T]>,
+    x: &[T],
+    n: usize,
+    c: usize,
+    ld: usize,
+    mean: &[T],
+    invstd: &[T],
+    gamma: &[T],
+    training: bool,
+    dx_out: &mut [T],
+    ld_out: usize,
+) -> (Vec<T>, Vec<T>) {
+    // Row i's gradient of the normalised output, with the ReLU's output to mask it by
+    // (dy's own row stands in when there is no ReLU: the mask is then not applied).
+    let rows = |i: usize, j0: usize, width: usize| {
+        let dyr = &dy[i * c + j0..i * c + j0 + width];
+        (dyr, relu_out.map_or(dyr, |a| &a[i * c + j0..i * c + j0 + width]))
+    };
     // One pass over the rows for both column sums, Σ dy and Σ dy·x̂, in f64.
     let mut dbeta = vec![0.0f64; c];
     let mut dgamma = vec![0.0f64; c];
@@ -121,11 +152,12 @@ pub fn backward<T: Float>(
             let width = db.len();
             let (mu, is) = (&mean[j0..j0 + width], &invstd[j0..j0 + width]);
             for i in 0..n {
-                let (dyr, xr) = (&dy[i * c + j0..i * c + j0 + width], &x[i * ld + j0..i * ld + j0 + width]);
-                for q in 0..width {
-                    let d = dyr[q].as_f64();
-                    db[q] += d;
-                    dg[q] += d * (xr[q].as_f64() - mu[q].as_f64()) * is[q].as_f64();
+                let (dyr, ar) = rows(i, j0, width);
+                let xr = &x[i * ld + j0..i * ld + j0 + width];
+                if relu_out.is_some() {
+                    sums_row::<T, true>(db, dg, dyr, ar, xr, mu, is);
+                } else {
+                    sums_row::<T, false>(db, dg, dyr, ar, xr, mu, is);
                 }
             }
         },
@@ -141,19 +173,66 @@ pub fn backward<T: Float>(
         (vec![0.0; c], vec![0.0; c])
     };
     let mu: Vec<f64> = mean.iter().map(|v| v.as_f64()).collect();
-    let mut dx = vec![T::zero(); n * c];
-    if c > 0 {
-        dx.par_chunks_mut(c).enumerate().for_each(|(i, row)| {
-            let (dyr, xr) = (&dy[i * c..(i + 1) * c], &x[i * ld..i * ld + c]);
-            for j in 0..c {
-                row[j] = T::of(k1[j] * dyr[j].as_f64() - k2[j] - k3[j] * (xr[j].as_f64() - mu[j]));
+    if c > 0 && n > 0 {
+        let k = Folded { k1: &k1, k2: &k2, k3: &k3, mu: &mu };
+        dx_out.par_chunks_mut(ld_out).take(n).enumerate().for_each(|(i, row)| {
+            let (dyr, ar) = rows(i, 0, c);
+            let xr = &x[i * ld..i * ld + c];
+            if relu_out.is_some() {
+                dx_row::<T, true>(&mut row[..c], dyr, ar, xr, &k);
+            } else {
+                dx_row::<T, false>(&mut row[..c], dyr, ar, xr, &k);
             }
         });
     }
-    BatchNormGrads {
-        dx,
-        dgamma: dgamma.into_iter().map(T::of).collect(),
-        dbeta: dbeta.into_iter().map(T::of).collect(),
+    (dgamma.into_iter().map(T::of).collect(), dbeta.into_iter().map(T::of).collect())
+}
+
+/// `dy`, or zero where the ReLU output `a` is ≤ 0 when `MASK`.
+#[inline(always)]
+fn through_relu<T: Float, const MASK: bool>(dy: T, a: T) -> f64 {
+    if MASK && a <= T::zero() {
+        0.0
+    } else {
+        dy.as_f64()
+    }
+}
+
+/// Adds one row's terms to the column sums Σ dy (`db`) and Σ dy·x̂ (`dg`).
+#[inline(always)]
+fn sums_row<T: Float, const MASK: bool>(
+    db: &mut [f64],
+    dg: &mut [f64],
+    dy: &[T],
+    a: &[T],
+    x: &[T],
+    mu: &[T],
+    is: &[T],
+) {
+    for (((((b, g), &d), &av), &xv), (&m, &s)) in
+        db.iter_mut().zip(dg.iter_mut()).zip(dy).zip(a).zip(x).zip(mu.iter().zip(is))
+    {
+        let d = through_relu::<T, MASK>(d, av);
+        *b += d;
+        *g += d * (xv.as_f64() - m.as_f64()) * s.as_f64();
+    }
+}
+
+/// The per-column factors of the input gradient, `dx = k1·dy − k2 − k3·(x − mu)`.
+struct Folded<'a> {
+    k1: &'a [f64],
+    k2: &'a [f64],
+    k3: &'a [f64],
+    mu: &'a [f64],
+}
+
+/// Adds one row of the input gradient into `out`.
+#[inline(always)]
+fn dx_row<T: Float, const MASK: bool>(out: &mut [T], dy: &[T], a: &[T], x: &[T], k: &Folded) {
+    for (((((o, &d), &av), &xv), (&k1, &k2)), (&k3, &m)) in
+        out.iter_mut().zip(dy).zip(a).zip(x).zip(k.k1.iter().zip(k.k2)).zip(k.k3.iter().zip(k.mu))
+    {
+        *o += T::of(k1 * through_relu::<T, MASK>(d, av) - k2 - k3 * (xv.as_f64() - m));
     }
 }
 

@@ -18,7 +18,7 @@
 //! stack is directly a `[(L+1)·N, C]` matrix for the product. `mean`/`rstd` of each
 //! LayerNorm are `[N][L]`.
 
-use super::gemm::{matmul, Mat};
+use super::gemm::{matmul, matmul_new, Mat};
 use super::pool::global_avg_pool;
 pub use super::Outputs;
 use super::{check_len, checked_numel, column_totals, Error, Float, Result};
@@ -396,7 +396,7 @@ pub fn backward<T: Float>(
     check_len("pooled", pooled, &[n, c])?;
     let saved = filter(cfg, pooled, n, c, p);
     let w = Mat::new(p.fc_weight, k, c);
-    let mut fc_weight = vec![T::zero(); k * c];
+    let fc_weight;
     let mut fc_bias = vec![T::zero(); k];
 
     // The gradient reaching each level directly from the classifier, read per row as
@@ -406,9 +406,8 @@ pub fn backward<T: Float>(
             check_len("grad_out", grad_out, &[n, k])?;
             let h = ensemble_feature(&saved.feats, d, &cfg.ensemble_coeffs());
             let dout = Mat::new(grad_out, n, k);
-            matmul(&mut fc_weight, c, dout.t(), Mat::new(&h, n, c), T::one(), false);
-            let mut dh = vec![T::zero(); n * c];
-            matmul(&mut dh, c, dout, w, T::one(), false);
+            fc_weight = matmul_new(dout.t(), Mat::new(&h, n, c), T::one());
+            let dh = matmul_new(dout, w, T::one());
             sum_rows(grad_out, k, &mut fc_bias);
             (dh, 1, cfg.ensemble_coeffs())
         }
@@ -432,9 +431,8 @@ pub fn backward<T: Float>(
                 }
             }
             let dpm = Mat::new(&dp, n * lv, k);
-            matmul(&mut fc_weight, c, dpm.t(), Mat::new(&saved.feats, n * lv, c), T::one(), false);
-            let mut df = vec![T::zero(); n * lv * c];
-            matmul(&mut df, c, dpm, w, T::one(), false);
+            fc_weight = matmul_new(dpm.t(), Mat::new(&saved.feats, n * lv, c), T::one());
+            let df = matmul_new(dpm, w, T::one());
             (df, lv, vec![1.0; lv])
         }
     };

@@ -14,6 +14,7 @@
 
 use super::Float;
 use gemm::Parallelism;
+use std::marker::PhantomData;
 use std::os::raw::c_char;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -122,9 +123,9 @@ fn self_check<T: Float>(f: BlasGemm<T>) -> Result<(), String> {
         let av = if a_t { Mat::new(&a, k, m).t() } else { Mat::new(&a, m, k) };
         let bv = if b_t { Mat::new(&b, n, k).t() } else { Mat::new(&b, k, n) };
         let mut want = vec![T::one(); m * n];
-        builtin(&mut want, n, av, bv, T::of(0.5), true);
+        builtin(Dst::of(&mut want, n), av, bv, T::of(0.5), true);
         let mut got = vec![T::one(); m * n];
-        if !blas_matmul(f, &mut got, n, av, bv, T::of(0.5), true) {
+        if !blas_matmul(f, Dst::of(&mut got, n), av, bv, T::of(0.5), true) {
             return Err("cannot address the check's operands".into());
         }
         // Small integers: both compute them exactly.
@@ -179,12 +180,51 @@ impl<'a, T> Mat<'a, T> {
 /// Panics (an internal invariant, never caller data: kernels validate shapes first)
 /// if the views do not fit their slices or the inner sizes differ.
 pub fn matmul<T: Float>(dst: &mut [T], dst_ld: usize, a: Mat<T>, b: Mat<T>, alpha: T, accumulate: bool) {
+    product(Dst::of(dst, dst_ld), a, b, alpha, accumulate);
+}
+
+/// `alpha · a · b` into a new row-major `a.rows × b.cols` matrix, which the product
+/// writes once (never zeroed first).
+pub fn matmul_new<T: Float>(a: Mat<T>, b: Mat<T>, alpha: T) -> Vec<T> {
+    let len = a.rows * b.cols;
+    let mut out = Vec::with_capacity(len);
+    let dst = Dst { ptr: out.as_mut_ptr(), len, ld: b.cols, _borrow: PhantomData };
+    product(dst, a, b, alpha, false);
+    // SAFETY: a product that does not accumulate writes every element of its
+    // destination (BLAS with beta = 0, the gemm crate without reading dst, or the
+    // zero fill of an empty inner dimension), and `len` is within the capacity.
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// Where a product goes: a row-major matrix with `ld` elements per row in `len`
+/// elements from `ptr`, exclusively borrowed. A raw pointer, so that a product that
+/// does not accumulate may write into memory not yet initialised ([`matmul_new`]).
+struct Dst<'a, T> {
+    ptr: *mut T,
+    len: usize,
+    ld: usize,
+    _borrow: PhantomData<&'a mut [T]>,
+}
+
+impl<'a, T> Dst<'a, T> {
+    fn of(slice: &'a mut [T], ld: usize) -> Self {
+        Dst { ptr: slice.as_mut_ptr(), len: slice.len(), ld, _borrow: PhantomData }
+    }
+    /// Panics unless an `m × n` matrix fits.
+    fn assert_fits(&self, m: usize, n: usize) {
+        assert!(self.ld >= n && (m - 1) * self.ld + n <= self.len, "gemm: dst out of bounds");
+    }
+}
+
+fn product<T: Float>(dst: Dst<T>, a: Mat<T>, b: Mat<T>, alpha: T, accumulate: bool) {
     if let Some(f) = T::blas() {
-        if blas_matmul(f, dst, dst_ld, a, b, alpha, accumulate) {
+        if blas_layouts(&dst, a, b).is_some() {
+            blas_matmul(f, dst, a, b, alpha, accumulate);
             return;
         }
     }
-    builtin(dst, dst_ld, a, b, alpha, accumulate);
+    builtin(dst, a, b, alpha, accumulate);
 }
 
 /// How BLAS addresses a `rows × cols` view whose element `(r, c)` is at
@@ -210,15 +250,27 @@ fn blas_layout(rows: usize, cols: usize, rs: usize, cs: usize) -> Option<(u8, i6
     (ld >= least.max(1) && ld <= MAX).then_some((trans, ld as i64))
 }
 
+/// How BLAS addresses the operands of `dst = a · b`: `(transa, lda, transb, ldb)` of
+/// `dstᵀ = bᵀ · aᵀ`, or `None` if it cannot.
+fn blas_layouts<T>(dst: &Dst<T>, a: Mat<T>, b: Mat<T>) -> Option<(u8, i64, u8, i64)> {
+    let (m, k) = (a.rows, a.cols);
+    if m > i32::MAX as usize || dst.ld > i32::MAX as usize {
+        return None;
+    }
+    // bᵀ is n × k with element (j, p) at j·b.col_stride + p·b.row_stride; aᵀ likewise.
+    let (ta, lda) = blas_layout(b.cols, k, b.col_stride, b.row_stride)?;
+    let (tb, ldb) = blas_layout(k, m, a.col_stride, a.row_stride)?;
+    Some((ta, lda, tb, ldb))
+}
+
 /// `dst = alpha · a · b (+ dst)` through a BLAS GEMM; false (and nothing written) if
 /// BLAS cannot address an operand.
 ///
-/// Row-major `dst` (`m × n`, `dst_ld`) is column-major `dstᵀ`, so BLAS computes
+/// Row-major `dst` (`m × n`, `ld`) is column-major `dstᵀ`, so BLAS computes
 /// `dstᵀ = bᵀ · aᵀ`.
 fn blas_matmul<T: Float>(
     f: BlasGemm<T>,
-    dst: &mut [T],
-    dst_ld: usize,
+    dst: Dst<T>,
     a: Mat<T>,
     b: Mat<T>,
     alpha: T,
@@ -227,27 +279,22 @@ fn blas_matmul<T: Float>(
     assert_eq!(a.cols, b.rows, "gemm: inner sizes differ");
     let (m, k, n) = (a.rows, a.cols, b.cols);
     if m == 0 || n == 0 || k == 0 {
-        builtin(dst, dst_ld, a, b, alpha, accumulate);
+        builtin(dst, a, b, alpha, accumulate);
         return true;
     }
-    // bᵀ is n × k with element (j, p) at j·b.col_stride + p·b.row_stride; aᵀ likewise.
-    let (Some((ta, lda)), Some((tb, ldb))) =
-        (blas_layout(n, k, b.col_stride, b.row_stride), blas_layout(k, m, a.col_stride, a.row_stride))
-    else {
+    let Some((ta, lda, tb, ldb)) = blas_layouts(&dst, a, b) else {
         return false;
     };
-    if m > i32::MAX as usize || dst_ld > i32::MAX as usize || k > i32::MAX as usize {
-        return false;
-    }
-    assert!(dst_ld >= n && (m - 1) * dst_ld + n <= dst.len(), "gemm: dst out of bounds");
+    dst.assert_fits(m, n);
     a.assert_in_bounds("lhs");
     b.assert_in_bounds("rhs");
     let beta = if accumulate { T::one() } else { T::zero() };
     let (ta, tb) = (ta as c_char, tb as c_char);
-    let (mm, nn, kk, ldc) = (n as i64, m as i64, k as i64, dst_ld as i64);
+    let (mm, nn, kk, ldc) = (n as i64, m as i64, k as i64, dst.ld as i64);
     // SAFETY: the views were bounds-checked and their layouts validated above (BLAS
-    // reads exactly the elements the views span); dst is an exclusive borrow that the
-    // inputs, shared borrows, cannot alias; f is a registered BLAS GEMM (`use_blas`).
+    // reads exactly the elements the views span, and reads dst only when beta = 1);
+    // dst is an exclusive borrow that the inputs, shared borrows, cannot alias; f is
+    // a registered BLAS GEMM (`use_blas`).
     unsafe {
         f(
             &ta,
@@ -261,7 +308,7 @@ fn blas_matmul<T: Float>(
             a.data.as_ptr(),
             &ldb,
             &beta,
-            dst.as_mut_ptr(),
+            dst.ptr,
             &ldc,
             1,
             1,
@@ -271,17 +318,18 @@ fn blas_matmul<T: Float>(
 }
 
 /// [`matmul`] through the `gemm` crate.
-fn builtin<T: Float>(dst: &mut [T], dst_ld: usize, a: Mat<T>, b: Mat<T>, alpha: T, accumulate: bool) {
+fn builtin<T: Float>(dst: Dst<T>, a: Mat<T>, b: Mat<T>, alpha: T, accumulate: bool) {
     assert_eq!(a.cols, b.rows, "gemm: inner sizes differ");
     let (m, k, n) = (a.rows, a.cols, b.cols);
     if m == 0 || n == 0 {
         return;
     }
-    assert!(dst_ld >= n && (m - 1) * dst_ld + n <= dst.len(), "gemm: dst out of bounds");
+    dst.assert_fits(m, n);
     if k == 0 {
         if !accumulate {
-            for row in dst.chunks_mut(dst_ld).take(m) {
-                row[..n].fill(T::zero());
+            for i in 0..m {
+                // SAFETY: row i's n elements lie inside dst (assert_fits).
+                unsafe { std::slice::from_raw_parts_mut(dst.ptr.add(i * dst.ld), n) }.fill(T::zero());
             }
         }
         return;
@@ -295,15 +343,16 @@ fn builtin<T: Float>(dst: &mut [T], dst_ld: usize, a: Mat<T>, b: Mat<T>, alpha: 
         Parallelism::None
     };
     // SAFETY: every view was bounds-checked above; dst does not alias the inputs
-    // (it is a `&mut` borrow while they are shared borrows).
+    // (it is an exclusive borrow while they are shared borrows); the gemm crate reads
+    // dst only when accumulating.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst.ptr,
             1,
-            dst_ld as isize,
+            dst.ld as isize,
             accumulate,
             a.data.as_ptr(),
             a.col_stride as isize,
@@ -319,13 +368,6 @@ fn builtin<T: Float>(dst: &mut [T], dst_ld: usize, a: Mat<T>, b: Mat<T>, alpha: 
             parallelism,
         );
     }
-}
-
-/// `a · b` into a new row-major matrix.
-pub fn matmul_new<T: Float>(a: Mat<T>, b: Mat<T>) -> Vec<T> {
-    let mut out = vec![T::zero(); a.rows * b.cols];
-    matmul(&mut out, b.cols, a, b, T::one(), false);
-    out
 }
 
 #[cfg(test)]
@@ -354,7 +396,7 @@ mod tests {
         let bt_store: Vec<f64> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
         let bt = Mat::new(&bt_store, n, k).t();
         let want = naive(am, Mat::new(&b, k, n));
-        let got = matmul_new(am, bt);
+        let got = matmul_new(am, bt, 1.0);
         for (g, w) in got.iter().zip(&want) {
             assert!((g - w).abs() < 1e-9);
         }
@@ -416,9 +458,9 @@ mod tests {
                     for accumulate in [false, true] {
                         let ld = n + 2; // dst with a row stride wider than n
                         let mut want = vec![0.25; m * ld];
-                        builtin(&mut want, ld, av, bv, 0.5, accumulate);
+                        builtin(Dst::of(&mut want, ld), av, bv, 0.5, accumulate);
                         let mut got = vec![0.25; m * ld];
-                        assert!(blas_matmul(f, &mut got, ld, av, bv, 0.5, accumulate));
+                        assert!(blas_matmul(f, Dst::of(&mut got, ld), av, bv, 0.5, accumulate));
                         for (g, w) in got.iter().zip(&want) {
                             assert!((g - w).abs() < 1e-12, "{g} vs {w}");
                         }
@@ -429,7 +471,7 @@ mod tests {
             let row = Mat { data: &a[..k], rows: 1, cols: k, row_stride: 1000, col_stride: 1 };
             let col = Mat { data: &b[..k], rows: k, cols: 1, row_stride: 1, col_stride: 77 };
             let mut got = [0.0];
-            assert!(blas_matmul(f, &mut got, 1, row, col, 1.0, false));
+            assert!(blas_matmul(f, Dst::of(&mut got, 1), row, col, 1.0, false));
             let want: f64 = a[..k].iter().zip(&b[..k]).map(|(x, y)| x * y).sum();
             assert!((got[0] - want).abs() < 1e-12);
         }
@@ -440,7 +482,14 @@ mod tests {
         let a = vec![1.0f64; 64];
         let strided = Mat { data: &a, rows: 3, cols: 3, row_stride: 6, col_stride: 2 };
         let mut dst = vec![0.0; 9];
-        assert!(!blas_matmul(naive_dgemm::<i32>, &mut dst, 3, strided, Mat::new(&a, 3, 3), 1.0, false));
+        assert!(!blas_matmul(
+            naive_dgemm::<i32>,
+            Dst::of(&mut dst, 3),
+            strided,
+            Mat::new(&a, 3, 3),
+            1.0,
+            false
+        ));
         assert!(dst.iter().all(|&v| v == 0.0), "declining wrote nothing");
     }
 

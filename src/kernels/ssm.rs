@@ -42,15 +42,15 @@
 //! `W_h` read in place and transposed by strides. Backward: two GEMMs per head,
 //! `dW_h = alpha·g_hᵀ a_h` and `da_h = alpha·g_h W_h`, where `g_h` is `grad_out`
 //! (`alpha = 1/G`, ensemble) or `grad_out[h]` (`alpha = 1`, all). `a_h` is
-//! recomputed from `x` and the saved statistics rather than saved; the raw head's
-//! `da` accumulates straight into `grad_x`.
+//! recomputed from `x` and the saved statistics rather than saved. Nothing
+//! map-sized is added twice: the raw head's `da` accumulates straight into `grad_x`,
+//! and a normalised head's `da` goes through its ReLU mask and batch norm in the
+//! batch norm's two passes, which add the result into `grad_x`'s leading columns.
 
 use std::ops::Range;
 
-use rayon::prelude::*;
-
 use super::batchnorm;
-use super::gemm::{matmul, Mat};
+use super::gemm::{matmul, matmul_new, Mat};
 use super::{check_len, checked_numel, column_totals, Error, Float, Result};
 
 /// The parameters and running statistics of one head's `BatchNorm1d`, each
@@ -421,31 +421,22 @@ pub fn backward<T: Float>(
             Some(db) => db.clone(),
             None => column_sums(g_of(h), k, alpha),
         };
-        let mut fc_weight = vec![T::zero(); k * w];
         let wmat = Mat::new(head.fc_weight, k, w);
         let Some(bn) = &head.bn else {
             // Raw head: a = x, and da = alpha·g·W lands directly in grad_x.
-            matmul(&mut fc_weight, w, g.t(), Mat::with_ld(x, d.n, w, d.c), T::of(alpha), false);
+            let fc_weight = matmul_new(g.t(), Mat::with_ld(x, d.n, w, d.c), T::of(alpha));
             matmul(&mut grad_x, d.c, g, wmat, T::of(alpha), true);
             grads.push(HeadGrads { fc_weight, fc_bias, bn_weight: Vec::new(), bn_bias: Vec::new() });
             continue;
         };
         let a = activation(&d, x, h, bn, saved.mean, saved.invstd);
-        matmul(&mut fc_weight, w, g.t(), Mat::new(&a, d.n, w), T::of(alpha), false);
-        let mut da = vec![T::zero(); d.n * w];
-        matmul(&mut da, w, g, wmat, T::of(alpha), false);
-        // Through the ReLU (torch's threshold_backward: zero where the output <= 0).
-        da.par_chunks_mut(w).zip(a.par_chunks(w)).for_each(|(drow, arow)| {
-            for (dv, &av) in drow.iter_mut().zip(arow) {
-                if av <= T::zero() {
-                    *dv = T::zero();
-                }
-            }
-        });
-        drop(a);
+        let fc_weight = matmul_new(g.t(), Mat::new(&a, d.n, w), T::of(alpha));
+        let da = matmul_new(g, wmat, T::of(alpha));
+        // Through the ReLU and the batch norm, added into grad_x's leading w columns.
         let r = stats_range(d.split, h);
-        let bg = batchnorm::backward(
+        let (bn_weight, bn_bias) = batchnorm::backward_into(
             &da,
+            Some(&a),
             x,
             d.n,
             w,
@@ -454,14 +445,10 @@ pub fn backward<T: Float>(
             &saved.invstd[r],
             bn.weight,
             cfg.training,
+            &mut grad_x,
+            d.c,
         );
-        drop(da);
-        grad_x.par_chunks_mut(d.c).zip(bg.dx.par_chunks(w)).for_each(|(gx, dx)| {
-            for (o, &v) in gx[..w].iter_mut().zip(dx) {
-                *o += v;
-            }
-        });
-        grads.push(HeadGrads { fc_weight, fc_bias, bn_weight: bg.dgamma, bn_bias: bg.dbeta });
+        grads.push(HeadGrads { fc_weight, fc_bias, bn_weight, bn_bias });
     }
     Ok(Grads { x: grad_x, heads: grads })
 }
