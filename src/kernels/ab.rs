@@ -15,7 +15,7 @@
 //! recomputed from them.
 
 use super::batchnorm;
-use super::gemm::{matmul, Mat};
+use super::gemm::{matmul, matmul_serial, Mat};
 use super::pool::{global_avg_pool, plane_dots, plane_mean, scale_planes};
 use super::{check_len, checked_numel, column_totals, output_buffer, Error, Float, Result};
 use rayon::prelude::*;
@@ -108,8 +108,9 @@ pub(crate) fn validate<T>(cfg: &Config, x: &[T], n: usize, hw: usize, p: &Params
     Ok(())
 }
 
-/// `t = Conv1x1(y, groups) + bias`, `[N, C]`.
-fn conv<T: Float>(cfg: &Config, y: &[T], n: usize, p: &Params<T>) -> Vec<T> {
+/// `t = Conv1x1(y, groups) + bias`, `[N, C]`; `in_task`: called inside a parallel
+/// task, so its products run on the calling thread alone.
+fn conv<T: Float>(cfg: &Config, y: &[T], n: usize, p: &Params<T>, in_task: bool) -> Vec<T> {
     let (c, g) = (cfg.channels, cfg.groups);
     let cg = c / g;
     let mut t = vec![T::zero(); n * c];
@@ -131,7 +132,8 @@ fn conv<T: Float>(cfg: &Config, y: &[T], n: usize, p: &Params<T>) -> Vec<T> {
         for gi in 0..g {
             let yg = Mat::with_ld(&y[gi * cg..], n, cg, c);
             let wg = Mat::new(&p.conv_weight[gi * cg * cg..(gi + 1) * cg * cg], cg, cg);
-            matmul(&mut t[gi * cg..], c, yg, wg.t(), T::one(), true);
+            let product = if in_task { matmul_serial } else { matmul };
+            product(&mut t[gi * cg..], c, yg, wg.t(), T::one(), true);
         }
     }
     t
@@ -160,7 +162,7 @@ pub fn forward<T: Float>(
         return Ok(Forward { out, pooled, mean, invstd, var_unbiased: Vec::new() });
     }
     let pooled = global_avg_pool(x, hw);
-    let t = conv(cfg, &pooled, n, p);
+    let t = conv(cfg, &pooled, n, p, false);
     let (mean, invstd, var_unbiased) = if cfg.training {
         let s = batchnorm::batch_stats(&t, n, c, c, cfg.eps);
         (s.mean, s.invstd, s.var_unbiased)
@@ -198,7 +200,7 @@ fn forward_eval_per_sample<T: Float>(
             for (d, plane) in y.iter_mut().zip(xs.chunks_exact(hw)) {
                 *d = plane_mean(plane);
             }
-            let t = conv(cfg, y, 1, p);
+            let t = conv(cfg, y, 1, p, true);
             let gate = batchnorm::normalize(&t, 1, c, c, mean, invstd, p.bn_weight, p.bn_bias, sigmoid);
             for ((op, sp), &g) in o.chunks_exact_mut(hw).zip(xs.chunks_exact(hw)).zip(&gate) {
                 for (d, &v) in op.iter_mut().zip(sp) {
@@ -232,7 +234,7 @@ pub fn backward<T: Float>(
     check_len("mean", mean, &[c])?;
     check_len("invstd", invstd, &[c])?;
 
-    let t = conv(cfg, pooled, n, p);
+    let t = conv(cfg, pooled, n, p, false);
     let gate = batchnorm::normalize(&t, n, c, c, mean, invstd, p.bn_weight, p.bn_bias, sigmoid);
     // Pass 1 over the maps: the gradient of each gate value.
     let dgate = plane_dots(grad_out, x, hw);

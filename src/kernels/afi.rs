@@ -10,16 +10,18 @@
 //! R   = Σ_i s~_i[:, :, None, None] * X_i          [N, C, H, W]
 //! ```
 //!
-//! The scorer runs for all `M` inputs at once (two GEMMs over `M*N` rows). The big
-//! passes go over `(n, c)` planes in parallel, many planes per rayon task:
-//! * forward reads every `X_i` twice (pool, weighted sum) and writes `R` once;
+//! The big passes go over `(n, c)` planes in parallel, many planes per rayon task:
+//! * forward reads every `X_i` from memory once where it can (one sample per task:
+//!   pool, score and weigh the sample's planes while they are in cache), else twice
+//!   (pool every plane, run the scorer on all `M*N` rows at once, weigh), and writes
+//!   `R` once;
 //! * backward reads `grad_R` and every `X_i` once (`g_i = Σ_hw grad_R · X_i`), runs
 //!   the softmax and scorer backward on the small `[M*N, ·]` matrices, then reads
 //!   `grad_R` once more while writing every `grad_X_i`.
 //!
 //! No full-size temporary besides the outputs.
 
-use super::gemm::{matmul, matmul_new, Mat};
+use super::gemm::{matmul, matmul_new, matmul_serial, Mat};
 use super::pool::{dots, planes_per_task, sums};
 use super::{check_len, checked_numel, column_totals, output_buffer, Error, Float, Result};
 use rayon::prelude::*;
@@ -136,8 +138,17 @@ fn column_sums<T: Float>(a: &[T], cols: usize) -> Vec<T> {
     column_totals(a, cols).into_iter().map(T::of).collect()
 }
 
-/// `dst = a · bᵀ (+ bias on every row)` for row-major `a` `[rows, k]`, `b` `[cols, k]`.
-fn linear<T: Float>(a: &[T], rows: usize, k: usize, b: &[T], cols: usize, bias: Option<&[T]>) -> Vec<T> {
+/// `dst = a · bᵀ (+ bias on every row)` for row-major `a` `[rows, k]`, `b` `[cols, k]`;
+/// `serial` inside a parallel task (the product then runs on the calling thread).
+fn linear<T: Float>(
+    a: &[T],
+    rows: usize,
+    k: usize,
+    b: &[T],
+    cols: usize,
+    bias: Option<&[T]>,
+    serial: bool,
+) -> Vec<T> {
     let mut dst = match bias {
         Some(bias) => {
             let mut d = Vec::with_capacity(rows * cols);
@@ -148,37 +159,100 @@ fn linear<T: Float>(a: &[T], rows: usize, k: usize, b: &[T], cols: usize, bias: 
         }
         None => vec![T::zero(); rows * cols],
     };
-    matmul(&mut dst, cols, Mat::new(a, rows, k), Mat::new(b, cols, k).t(), T::one(), bias.is_some());
+    let product = if serial { matmul_serial } else { matmul };
+    product(&mut dst, cols, Mat::new(a, rows, k), Mat::new(b, cols, k).t(), T::one(), bias.is_some());
     dst
 }
 
+/// The scorer and the softmax for `rows = M·N'` pooled rows `z` (map-major: row
+/// `i·N' + n`): returns `(hidden, weights)`, `[rows, hidden]` after the ReLU and
+/// `[M, N'·C]`.
+fn score<T: Float>(
+    z: &[T],
+    m: usize,
+    c: usize,
+    hidden: usize,
+    p: &Params<T>,
+    serial: bool,
+) -> (Vec<T>, Vec<T>) {
+    let rows = z.len() / c;
+    let mut h = linear(z, rows, c, p.fc1_weight, hidden, p.fc1_bias, serial);
+    for v in h.iter_mut() {
+        // As torch's ReLU: negatives to zero, NaN propagates.
+        if *v < T::zero() {
+            *v = T::zero();
+        }
+    }
+    let s = linear(&h, rows, hidden, p.fc2_weight, c, p.fc2_bias, serial);
+    // Softmax over i for every (n, c), numerically stable.
+    let weights = softmax_over_maps(&s, m, rows / m * c);
+    (h, weights)
+}
+
+/// The means of plane `pl` of every map into `dst` (`m` values, map order), up to
+/// GROUP maps per sweep over the plane.
+#[inline]
+fn plane_means<T: Float>(xs: &[&[T]], pl: usize, hw: usize, dst: &mut [T]) {
+    let plane = |i: usize| &xs[i][pl * hw..(pl + 1) * hw];
+    for (g0, zs) in dst.chunks_mut(GROUP).enumerate() {
+        let (i0, k) = (g0 * GROUP, zs.len());
+        let mut means = |totals: &[f64]| {
+            for (d, &t) in zs.iter_mut().zip(totals) {
+                *d = T::of(t / hw as f64);
+            }
+        };
+        match k {
+            1 => means(&sums([plane(i0)])),
+            2 => means(&sums([plane(i0), plane(i0 + 1)])),
+            3 => means(&sums([plane(i0), plane(i0 + 1), plane(i0 + 2)])),
+            _ => means(&sums([plane(i0), plane(i0 + 1), plane(i0 + 2), plane(i0 + 3)])),
+        }
+    }
+}
+
+/// `R`'s plane `pl` into `dst`: `Σ_i w(i) · X_i[pl]`, each element summed in
+/// registers from all the maps and written once (no zero-fill of the output).
+#[inline]
+fn fuse_plane<T: Float>(
+    xs: &[&[T]],
+    pl: usize,
+    hw: usize,
+    dst: &mut [MaybeUninit<T>],
+    w: impl Fn(usize) -> T,
+) {
+    let m = xs.len();
+    let planes = |i: usize| &xs[i][pl * hw..(pl + 1) * hw];
+    let dst = write_weighted_sum(dst, m.min(GROUP), planes, &w);
+    // Maps beyond the first group (M > 4) are added in further passes over the
+    // (cache-resident) plane.
+    for i0 in (GROUP..m).step_by(GROUP) {
+        add_weighted_sum(dst, (m - i0).min(GROUP), |i| planes(i0 + i), |i| w(i0 + i));
+    }
+}
+
 /// The AFI forward pass.
+///
+/// With at least as many samples as threads, and a sample's maps small enough to
+/// stay in cache ([`PER_SAMPLE_MAX_BYTES`]), each task takes one sample: it pools
+/// the sample's planes, scores them (the scorer and the softmax act per sample) and
+/// writes the sample's `R` while its maps are still in cache, so the maps come from
+/// memory once instead of twice. Otherwise: one pass pools every plane, the scorer
+/// runs on all `M·N` rows at once, a second pass writes `R`.
 pub fn forward<T: Float>(xs: &[&[T]], n: usize, c: usize, hw: usize, p: &Params<T>) -> Result<Forward<T>> {
     let d = validate(xs, n, c, hw, p)?;
-    let Dims { m, nc, mn, hidden } = d;
+    let sample_bytes = d.m * c * hw * std::mem::size_of::<T>();
+    if n > 0 && n >= rayon::current_num_threads() && sample_bytes <= PER_SAMPLE_MAX_BYTES {
+        return Ok(forward_per_sample(xs, n, c, hw, p, d));
+    }
+    let Dims { m, nc, hidden, .. } = d;
 
-    // Z [M*N, C]: the plane means of every map, up to GROUP maps per sweep over a
-    // plane; computed plane-major, then laid out map by map (small).
+    // Z [M*N, C]: the plane means of every map; computed plane-major, then laid out
+    // map by map (small).
     let mut zt = vec![T::zero(); nc * m];
     let per = planes_per_task(hw, m);
     zt.par_chunks_mut(per * m).enumerate().for_each(|(k, zc)| {
         for (q, zq) in zc.chunks_exact_mut(m).enumerate() {
-            let pl = k * per + q;
-            let plane = |i: usize| &xs[i][pl * hw..(pl + 1) * hw];
-            for (g0, zs) in zq.chunks_mut(GROUP).enumerate() {
-                let (i0, k) = (g0 * GROUP, zs.len());
-                let mut means = |totals: &[f64]| {
-                    for (d, &t) in zs.iter_mut().zip(totals) {
-                        *d = T::of(t / hw as f64);
-                    }
-                };
-                match k {
-                    1 => means(&sums([plane(i0)])),
-                    2 => means(&sums([plane(i0), plane(i0 + 1)])),
-                    3 => means(&sums([plane(i0), plane(i0 + 1), plane(i0 + 2)])),
-                    _ => means(&sums([plane(i0), plane(i0 + 1), plane(i0 + 2), plane(i0 + 3)])),
-                }
-            }
+            plane_means(xs, k * per + q, hw, zq);
         }
     });
     let mut z = vec![T::zero(); m * nc];
@@ -190,39 +264,79 @@ pub fn forward<T: Float>(xs: &[&[T]], n: usize, c: usize, hw: usize, p: &Params<
     drop(zt);
 
     // The scorer, for all M maps at once.
-    let mut h = linear(&z, mn, c, p.fc1_weight, hidden, p.fc1_bias);
-    for v in h.iter_mut() {
-        // As torch's ReLU: negatives to zero, NaN propagates.
-        if *v < T::zero() {
-            *v = T::zero();
-        }
-    }
-    let s = linear(&h, mn, hidden, p.fc2_weight, c, p.fc2_bias);
+    let (h, weights) = score(&z, m, c, hidden, p, false);
 
-    // Softmax over i for every (n, c), numerically stable, in f64.
-    let weights = softmax_over_maps(&s, m, nc);
-
-    // R = Σ_i s~_i · X_i, one pass over the planes: each output element is summed in
-    // registers from all the maps and written once (no zero-fill of the output).
+    // R = Σ_i s~_i · X_i, one pass over the planes.
     let mut out = output_buffer::<T>(nc * hw);
     let per = planes_per_task(hw, m + 1);
     out.spare_capacity_mut()[..nc * hw].par_chunks_mut(per * hw).enumerate().for_each(|(k, chunk)| {
         for (q, dst) in chunk.chunks_exact_mut(hw).enumerate() {
             let pl = k * per + q;
-            let planes = |i: usize| &xs[i][pl * hw..(pl + 1) * hw];
-            let w = |i: usize| weights[i * nc + pl];
-            let dst = write_weighted_sum(dst, m.min(GROUP), planes, w);
-            // Maps beyond the first group (M > 4) are added in further passes over
-            // the (cache-resident) plane.
-            for i0 in (GROUP..m).step_by(GROUP) {
-                add_weighted_sum(dst, (m - i0).min(GROUP), |i| planes(i0 + i), |i| w(i0 + i));
-            }
+            fuse_plane(xs, pl, hw, dst, |i| weights[i * nc + pl]);
         }
     });
     // SAFETY: `nc * hw` is whole planes and every element of every plane was written.
     unsafe { out.set_len(nc * hw) };
 
     Ok(Forward { out, z, hidden: h, weights })
+}
+
+/// Largest `M·C·H·W` of one sample, in bytes, that [`forward`] processes sample by
+/// sample: two threads' samples must stay in the last-level cache between the
+/// pooling and the weighted sum (the paper's shapes: 2.4 MB).
+const PER_SAMPLE_MAX_BYTES: usize = 4 << 20;
+
+/// [`forward`], one sample per task.
+fn forward_per_sample<T: Float>(
+    xs: &[&[T]],
+    n: usize,
+    c: usize,
+    hw: usize,
+    p: &Params<T>,
+    d: Dims,
+) -> Forward<T> {
+    let Dims { m, nc, hidden, .. } = d;
+    let sample = c * hw;
+    let mut out = output_buffer::<T>(nc * hw);
+    // Per sample: (z [M, C], hidden [M, hidden], weights [M, C]), scattered below.
+    let mut small: Vec<(Vec<T>, Vec<T>, Vec<T>)> = Vec::with_capacity(n);
+    out.spare_capacity_mut()[..nc * hw]
+        .par_chunks_mut(sample)
+        .enumerate()
+        .map(|(b, o)| {
+            let mut zt = vec![T::zero(); c * m]; // [C, M]: plane-major
+            for (ch, zq) in zt.chunks_exact_mut(m).enumerate() {
+                plane_means(xs, b * c + ch, hw, zq);
+            }
+            let mut z = vec![T::zero(); m * c];
+            for (ch, zq) in zt.chunks_exact(m).enumerate() {
+                for (i, &v) in zq.iter().enumerate() {
+                    z[i * c + ch] = v;
+                }
+            }
+            let (h, w) = score(&z, m, c, hidden, p, true);
+            for (ch, dst) in o.chunks_exact_mut(hw).enumerate() {
+                fuse_plane(xs, b * c + ch, hw, dst, |i| w[i * c + ch]);
+            }
+            (z, h, w)
+        })
+        .collect_into_vec(&mut small);
+    // SAFETY: the chunks are the `n` samples, `nc * hw` elements, all written.
+    unsafe { out.set_len(nc * hw) };
+
+    // The saved tensors in the batch layout: row i*N + b of z and hidden, i*N*C + b*C
+    // of the weights.
+    let mut z = vec![T::zero(); m * nc];
+    let mut h = vec![T::zero(); m * n * hidden];
+    let mut weights = vec![T::zero(); m * nc];
+    for (b, (zs, hs, ws)) in small.iter().enumerate() {
+        for i in 0..m {
+            z[(i * n + b) * c..][..c].copy_from_slice(&zs[i * c..][..c]);
+            h[(i * n + b) * hidden..][..hidden].copy_from_slice(&hs[i * hidden..][..hidden]);
+            weights[i * nc + b * c..][..c].copy_from_slice(&ws[i * c..][..c]);
+        }
+    }
+    Forward { out, z, hidden: h, weights }
 }
 
 /// Maps summed per pass in [`write_weighted_sum`] and [`add_weighted_sum`].
@@ -348,90 +462,42 @@ pub fn backward<T: Float>(
     check_len("saved.hidden", saved.hidden, &[m, n, hidden])?;
     check_len("saved.weights", saved.weights, &[m, n, c])?;
     let weights = saved.weights;
+    if n > 0
+        && n >= rayon::current_num_threads()
+        && m * c * hw * std::mem::size_of::<T>() <= PER_SAMPLE_MAX_BYTES
+    {
+        return Ok(backward_per_sample(grad_out, xs, n, c, hw, p, saved, d));
+    }
 
     // Pass 1: g[pl*m + i] = Σ_hw grad_R · X_i over plane pl (plane-major, f64).
     let mut g = vec![0.0f64; nc * m];
     let per = planes_per_task(hw, m + 1);
     g.par_chunks_mut(per * m).zip(grad_out.par_chunks(per * hw)).enumerate().for_each(|(k, (gc, go))| {
-        let p0 = k * per;
         for (q, (gq, gp)) in gc.chunks_exact_mut(m).zip(go.chunks_exact(hw)).enumerate() {
-            let pl = p0 + q;
-            let plane = |i: usize| &xs[i][pl * hw..(pl + 1) * hw];
-            // Up to GROUP maps per sweep over the plane of grad_R.
-            for (g0, gs) in gq.chunks_mut(GROUP).enumerate() {
-                let i0 = g0 * GROUP;
-                match gs.len() {
-                    1 => gs.copy_from_slice(&dots(gp, [plane(i0)])),
-                    2 => gs.copy_from_slice(&dots(gp, [plane(i0), plane(i0 + 1)])),
-                    3 => gs.copy_from_slice(&dots(gp, [plane(i0), plane(i0 + 1), plane(i0 + 2)])),
-                    _ => gs
-                        .copy_from_slice(&dots(gp, [plane(i0), plane(i0 + 1), plane(i0 + 2), plane(i0 + 3)])),
-                }
-            }
+            plane_dots(xs, k * per + q, hw, gp, gq);
         }
     });
 
     // Softmax backward: dS_i = s~_i (g_i - Σ_j s~_j g_j), as [M*N, C] = [M, N, C].
-    let mut ds = vec![T::zero(); m * nc];
-    for (pl, gq) in g.chunks_exact(m).enumerate() {
-        let mut dot = 0.0f64;
-        for (i, &gi) in gq.iter().enumerate() {
-            dot += weights[i * nc + pl].as_f64() * gi;
-        }
-        for (i, &gi) in gq.iter().enumerate() {
-            ds[i * nc + pl] = T::of(weights[i * nc + pl].as_f64() * (gi - dot));
-        }
-    }
+    let ds = softmax_backward(&g, weights, m, nc);
     drop(g);
 
     // Scorer backward, all M at once.
-    let h = saved.hidden;
-    let fc2_bias = p.fc2_bias.map(|_| column_sums(&ds, c));
-    let fc2_weight = matmul_new(Mat::new(&ds, mn, c).t(), Mat::new(h, mn, hidden), T::one());
-    let mut dh = matmul_new(Mat::new(&ds, mn, c), Mat::new(p.fc2_weight, c, hidden), T::one());
-    for (dv, hv) in dh.iter_mut().zip(h) {
-        // As torch's threshold_backward: the gradient passes where the output > 0.
-        if *hv <= T::zero() {
-            *dv = T::zero();
-        }
-    }
-    let fc1_bias = p.fc1_bias.map(|_| column_sums(&dh, hidden));
-    let fc1_weight = matmul_new(Mat::new(&dh, mn, hidden).t(), Mat::new(saved.z, mn, c), T::one());
-    let mut dz = matmul_new(Mat::new(&dh, mn, hidden), Mat::new(p.fc1_weight, hidden, c), T::one());
-    let inv_hw = T::of(1.0 / hw as f64);
-    for v in dz.iter_mut() {
-        *v *= inv_hw;
-    }
+    let (dh, dz) = scorer_backward(&ds, saved.hidden, c, hw, p, false);
+    let (fc1_weight, fc1_bias, fc2_weight, fc2_bias) = parameter_grads(&ds, &dh, saved, mn, c, hidden, p);
 
     // Pass 2: grad_X_i = s~_i · grad_R + dZ_i / HW, reading grad_R once for all i.
     let total = nc * hw;
     let block = per * hw;
     let mut gxs: Vec<Vec<T>> = (0..m).map(|_| output_buffer::<T>(total)).collect();
-    let mut tasks: Vec<Vec<&mut [MaybeUninit<T>]>> =
-        (0..total.div_ceil(block)).map(|_| Vec::with_capacity(m)).collect();
-    for gx in gxs.iter_mut() {
-        for (task, chunk) in tasks.iter_mut().zip(gx.spare_capacity_mut()[..total].chunks_mut(block)) {
-            task.push(chunk);
-        }
-    }
+    let tasks = split_outputs(&mut gxs, total, block);
     tasks.into_par_iter().zip(grad_out.par_chunks(block)).enumerate().for_each(|(k, (mut dsts, go))| {
         let p0 = k * per;
         for (q, gp) in go.chunks_exact(hw).enumerate() {
             let pl = p0 + q;
-            let range = q * hw..(q + 1) * hw;
-            // Up to GROUP maps' gradients written per sweep over the plane of grad_R.
-            for (g0, group) in dsts.chunks_mut(GROUP).enumerate() {
-                let (i0, k) = (g0 * GROUP, group.len());
-                let mut planes = group.iter_mut().map(|d| &mut d[range.clone()]);
-                let mut next = || planes.next().expect("one plane per map of the group");
-                let coef = |i: usize| (weights[(i0 + i) * nc + pl], dz[(i0 + i) * nc + pl]);
-                match k {
-                    1 => write_affine(gp, [next()], std::array::from_fn(coef)),
-                    2 => write_affine(gp, [next(), next()], std::array::from_fn(coef)),
-                    3 => write_affine(gp, [next(), next(), next()], std::array::from_fn(coef)),
-                    _ => write_affine(gp, [next(), next(), next(), next()], std::array::from_fn(coef)),
-                }
-            }
+            write_plane_grads(&mut dsts, q * hw..(q + 1) * hw, gp, |i| {
+                (weights[i * nc + pl], dz[i * nc + pl])
+            });
         }
     });
     for gx in gxs.iter_mut() {
@@ -441,6 +507,185 @@ pub fn backward<T: Float>(
     }
 
     Ok(Grads { xs: gxs, fc1_weight, fc1_bias, fc2_weight, fc2_bias })
+}
+
+/// [`backward`], one sample per task: the dots of the sample's planes of `grad_R`
+/// with every map, the softmax and scorer backward of that sample, then its planes
+/// of every `grad_X_i`, while its `grad_R` is still in cache. The parameter
+/// gradients sum over samples, after.
+#[allow(clippy::too_many_arguments)]
+fn backward_per_sample<T: Float>(
+    grad_out: &[T],
+    xs: &[&[T]],
+    n: usize,
+    c: usize,
+    hw: usize,
+    p: &Params<T>,
+    saved: &Saved<T>,
+    d: Dims,
+) -> Grads<T> {
+    let Dims { m, nc, mn, hidden } = d;
+    let (weights, sample) = (saved.weights, c * hw);
+    let total = nc * hw;
+    let mut gxs: Vec<Vec<T>> = (0..m).map(|_| output_buffer::<T>(total)).collect();
+    let tasks = split_outputs(&mut gxs, total, sample);
+    // Per sample: (dS [M, C], dH [M, hidden]), for the parameter gradients.
+    let mut small: Vec<(Vec<T>, Vec<T>)> = Vec::with_capacity(n);
+    tasks
+        .into_par_iter()
+        .zip(grad_out.par_chunks(sample))
+        .enumerate()
+        .map(|(b, (mut dsts, go))| {
+            let mut g = vec![0.0f64; c * m]; // [C, M]: plane-major
+            for (ch, (gq, gp)) in g.chunks_exact_mut(m).zip(go.chunks_exact(hw)).enumerate() {
+                plane_dots(xs, b * c + ch, hw, gp, gq);
+            }
+            // This sample's saved rows: weights [M, C] and hidden [M, hidden].
+            let w: Vec<T> = (0..m).flat_map(|i| weights[i * nc + b * c..][..c].iter().copied()).collect();
+            let h: Vec<T> =
+                (0..m).flat_map(|i| saved.hidden[(i * n + b) * hidden..][..hidden].iter().copied()).collect();
+            let ds = softmax_backward(&g, &w, m, c);
+            let (dh, dz) = scorer_backward(&ds, &h, c, hw, p, true);
+            for (ch, gp) in go.chunks_exact(hw).enumerate() {
+                write_plane_grads(&mut dsts, ch * hw..(ch + 1) * hw, gp, |i| (w[i * c + ch], dz[i * c + ch]));
+            }
+            (ds, dh)
+        })
+        .collect_into_vec(&mut small);
+    for gx in gxs.iter_mut() {
+        // SAFETY: the tasks cover every sample of every map, and wrote each element.
+        unsafe { gx.set_len(total) };
+    }
+    // dS and dH in the batch layout (row i*N + b).
+    let mut ds = vec![T::zero(); mn * c];
+    let mut dh = vec![T::zero(); mn * hidden];
+    for (b, (dss, dhs)) in small.iter().enumerate() {
+        for i in 0..m {
+            ds[(i * n + b) * c..][..c].copy_from_slice(&dss[i * c..][..c]);
+            dh[(i * n + b) * hidden..][..hidden].copy_from_slice(&dhs[i * hidden..][..hidden]);
+        }
+    }
+    let (fc1_weight, fc1_bias, fc2_weight, fc2_bias) = parameter_grads(&ds, &dh, saved, mn, c, hidden, p);
+    Grads { xs: gxs, fc1_weight, fc1_bias, fc2_weight, fc2_bias }
+}
+
+/// `out[i] = Σ_hw grad_R[pl] · X_i[pl]` for every map `i`, in f64, up to GROUP maps
+/// per sweep over the plane of `grad_R` (`gp`).
+#[inline]
+fn plane_dots<T: Float>(xs: &[&[T]], pl: usize, hw: usize, gp: &[T], out: &mut [f64]) {
+    let plane = |i: usize| &xs[i][pl * hw..(pl + 1) * hw];
+    for (g0, gs) in out.chunks_mut(GROUP).enumerate() {
+        let i0 = g0 * GROUP;
+        match gs.len() {
+            1 => gs.copy_from_slice(&dots(gp, [plane(i0)])),
+            2 => gs.copy_from_slice(&dots(gp, [plane(i0), plane(i0 + 1)])),
+            3 => gs.copy_from_slice(&dots(gp, [plane(i0), plane(i0 + 1), plane(i0 + 2)])),
+            _ => gs.copy_from_slice(&dots(gp, [plane(i0), plane(i0 + 1), plane(i0 + 2), plane(i0 + 3)])),
+        }
+    }
+}
+
+/// The softmax backward for `g` (plane-major `[cols, M]`, the dots of `grad_R` with
+/// each map) and the weights `s~` (`[M, cols]`): `dS_i = s~_i (g_i - Σ_j s~_j g_j)`,
+/// `[M, cols]`.
+fn softmax_backward<T: Float>(g: &[f64], weights: &[T], m: usize, cols: usize) -> Vec<T> {
+    let mut ds = vec![T::zero(); m * cols];
+    for (pl, gq) in g.chunks_exact(m).enumerate() {
+        let mut dot = 0.0f64;
+        for (i, &gi) in gq.iter().enumerate() {
+            dot += weights[i * cols + pl].as_f64() * gi;
+        }
+        for (i, &gi) in gq.iter().enumerate() {
+            ds[i * cols + pl] = T::of(weights[i * cols + pl].as_f64() * (gi - dot));
+        }
+    }
+    ds
+}
+
+/// Through the scorer, for the rows of `ds` (`[rows, C]`) with the saved hidden
+/// layer `h` (`[rows, hidden]`): `(dH, dZ / HW)`, where dH is already through the
+/// ReLU. `serial` inside a parallel task.
+fn scorer_backward<T: Float>(
+    ds: &[T],
+    h: &[T],
+    c: usize,
+    hw: usize,
+    p: &Params<T>,
+    serial: bool,
+) -> (Vec<T>, Vec<T>) {
+    let rows = ds.len() / c;
+    let hidden = h.len() / rows.max(1);
+    let product = if serial { matmul_serial } else { matmul };
+    let mut dh = vec![T::zero(); rows * hidden];
+    product(&mut dh, hidden, Mat::new(ds, rows, c), Mat::new(p.fc2_weight, c, hidden), T::one(), false);
+    for (dv, hv) in dh.iter_mut().zip(h) {
+        // As torch's threshold_backward: the gradient passes where the output > 0.
+        if *hv <= T::zero() {
+            *dv = T::zero();
+        }
+    }
+    let mut dz = vec![T::zero(); rows * c];
+    product(&mut dz, c, Mat::new(&dh, rows, hidden), Mat::new(p.fc1_weight, hidden, c), T::one(), false);
+    let inv_hw = T::of(1.0 / hw as f64);
+    for v in dz.iter_mut() {
+        *v *= inv_hw;
+    }
+    (dh, dz)
+}
+
+/// The scorer's parameter gradients from `dS` and `dH` (`[M*N, ·]`, batch layout):
+/// `(fc1_weight, fc1_bias, fc2_weight, fc2_bias)`.
+#[allow(clippy::type_complexity)]
+fn parameter_grads<T: Float>(
+    ds: &[T],
+    dh: &[T],
+    saved: &Saved<T>,
+    mn: usize,
+    c: usize,
+    hidden: usize,
+    p: &Params<T>,
+) -> (Vec<T>, Option<Vec<T>>, Vec<T>, Option<Vec<T>>) {
+    let fc2_bias = p.fc2_bias.map(|_| column_sums(ds, c));
+    let fc2_weight = matmul_new(Mat::new(ds, mn, c).t(), Mat::new(saved.hidden, mn, hidden), T::one());
+    let fc1_bias = p.fc1_bias.map(|_| column_sums(dh, hidden));
+    let fc1_weight = matmul_new(Mat::new(dh, mn, hidden).t(), Mat::new(saved.z, mn, c), T::one());
+    (fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+}
+
+/// Every output map's spare capacity cut into blocks of `block` elements: one task
+/// per block, holding that block of each map.
+fn split_outputs<T>(gxs: &mut [Vec<T>], total: usize, block: usize) -> Vec<Vec<&mut [MaybeUninit<T>]>> {
+    let mut tasks: Vec<Vec<&mut [MaybeUninit<T>]>> =
+        (0..total.div_ceil(block.max(1))).map(|_| Vec::with_capacity(gxs.len())).collect();
+    for gx in gxs.iter_mut() {
+        for (task, chunk) in tasks.iter_mut().zip(gx.spare_capacity_mut()[..total].chunks_mut(block.max(1))) {
+            task.push(chunk);
+        }
+    }
+    tasks
+}
+
+/// `grad_X_i[range] = a_i · grad_R-plane + b_i` for every map `i`, `coef(i) =
+/// (a_i, b_i)`, up to GROUP maps' planes written per sweep over `gp`.
+#[inline]
+fn write_plane_grads<T: Float>(
+    dsts: &mut [&mut [MaybeUninit<T>]],
+    range: std::ops::Range<usize>,
+    gp: &[T],
+    coef: impl Fn(usize) -> (T, T),
+) {
+    for (g0, group) in dsts.chunks_mut(GROUP).enumerate() {
+        let (i0, k) = (g0 * GROUP, group.len());
+        let mut planes = group.iter_mut().map(|d| &mut d[range.clone()]);
+        let mut next = || planes.next().expect("one plane per map of the group");
+        let coef = |i: usize| coef(i0 + i);
+        match k {
+            1 => write_affine(gp, [next()], std::array::from_fn(coef)),
+            2 => write_affine(gp, [next(), next()], std::array::from_fn(coef)),
+            3 => write_affine(gp, [next(), next(), next()], std::array::from_fn(coef)),
+            _ => write_affine(gp, [next(), next(), next(), next()], std::array::from_fn(coef)),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -571,6 +816,57 @@ mod tests {
                         assert!((s - 1.0).abs() < 1e-12);
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn forward_paths_agree() {
+        // One sample per task (at least as many samples as threads) and the two-pass
+        // forward (fewer), against each other and the definition; M past GROUP too.
+        for (m, n, c, hd, hw, bias) in [(3, 4, 6, 2, 5, true), (5, 3, 8, 4, 7, false), (2, 2, 3, 1, 1, true)]
+        {
+            let case = Case::new(m, n, c, hd, hw, bias, 90 + m as u64);
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                pool.install(|| forward(&case.x_refs(), n, c, hw, &case.params()).unwrap())
+            };
+            let (per_sample, two_pass) = (run(1), run(n + 1));
+            let want = case.naive();
+            for f in [&per_sample, &two_pass] {
+                assert!(max_err(&f.out, &want) < 1e-12);
+            }
+            assert!(max_err(&per_sample.out, &two_pass.out) < 1e-14);
+            assert_eq!(per_sample.z, two_pass.z);
+            assert!(max_err(&per_sample.hidden, &two_pass.hidden) < 1e-14);
+            assert!(max_err(&per_sample.weights, &two_pass.weights) < 1e-14);
+        }
+    }
+
+    #[test]
+    fn backward_paths_agree() {
+        // One sample per task and the two-pass backward give the same gradients.
+        for (m, n, c, hd, hw, bias) in [(3, 4, 6, 2, 5, true), (5, 3, 8, 4, 7, false), (1, 2, 3, 1, 1, true)]
+        {
+            let case = Case::new(m, n, c, hd, hw, bias, 70 + m as u64);
+            let f = forward(&case.x_refs(), n, c, hw, &case.params()).unwrap();
+            let go = rand_vec(n * c * hw, 5);
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                pool.install(|| backward(&go, &case.x_refs(), n, c, hw, &case.params(), &f.saved()).unwrap())
+            };
+            let (a, b) = (run(1), run(n + 1));
+            for (ga, gb) in a.xs.iter().zip(&b.xs) {
+                assert!(max_err(ga, gb) < 1e-13);
+            }
+            assert!(max_err(&a.fc1_weight, &b.fc1_weight) < 1e-13);
+            assert!(max_err(&a.fc2_weight, &b.fc2_weight) < 1e-13);
+            assert_eq!(a.fc1_bias.is_some(), bias);
+            if let (Some(x), Some(y)) = (&a.fc1_bias, &b.fc1_bias) {
+                assert!(max_err(x, y) < 1e-13);
+            }
+            if let (Some(x), Some(y)) = (&a.fc2_bias, &b.fc2_bias) {
+                assert!(max_err(x, y) < 1e-13);
             }
         }
     }

@@ -123,7 +123,7 @@ fn self_check<T: Float>(f: BlasGemm<T>) -> Result<(), String> {
         let av = if a_t { Mat::new(&a, k, m).t() } else { Mat::new(&a, m, k) };
         let bv = if b_t { Mat::new(&b, n, k).t() } else { Mat::new(&b, k, n) };
         let mut want = vec![T::one(); m * n];
-        builtin(Dst::of(&mut want, n), av, bv, T::of(0.5), true);
+        builtin(Dst::of(&mut want, n), av, bv, T::of(0.5), true, true);
         let mut got = vec![T::one(); m * n];
         if !blas_matmul(f, Dst::of(&mut got, n), av, bv, T::of(0.5), true) {
             return Err("cannot address the check's operands".into());
@@ -183,6 +183,20 @@ pub fn matmul<T: Float>(dst: &mut [T], dst_ld: usize, a: Mat<T>, b: Mat<T>, alph
     product(Dst::of(dst, dst_ld), a, b, alpha, accumulate);
 }
 
+/// [`matmul`] on the calling thread alone, for a small product inside a parallel
+/// task (where a threaded GEMM would oversubscribe the cores): always the `gemm`
+/// crate, never a BLAS with threads of its own.
+pub fn matmul_serial<T: Float>(
+    dst: &mut [T],
+    dst_ld: usize,
+    a: Mat<T>,
+    b: Mat<T>,
+    alpha: T,
+    accumulate: bool,
+) {
+    builtin(Dst::of(dst, dst_ld), a, b, alpha, accumulate, false);
+}
+
 /// `alpha · a · b` into a new row-major `a.rows × b.cols` matrix, which the product
 /// writes once (never zeroed first).
 pub fn matmul_new<T: Float>(a: Mat<T>, b: Mat<T>, alpha: T) -> Vec<T> {
@@ -224,7 +238,7 @@ fn product<T: Float>(dst: Dst<T>, a: Mat<T>, b: Mat<T>, alpha: T, accumulate: bo
             return;
         }
     }
-    builtin(dst, a, b, alpha, accumulate);
+    builtin(dst, a, b, alpha, accumulate, true);
 }
 
 /// How BLAS addresses a `rows × cols` view whose element `(r, c)` is at
@@ -279,7 +293,7 @@ fn blas_matmul<T: Float>(
     assert_eq!(a.cols, b.rows, "gemm: inner sizes differ");
     let (m, k, n) = (a.rows, a.cols, b.cols);
     if m == 0 || n == 0 || k == 0 {
-        builtin(dst, a, b, alpha, accumulate);
+        builtin(dst, a, b, alpha, accumulate, true);
         return true;
     }
     let Some((ta, lda, tb, ldb)) = blas_layouts(&dst, a, b) else {
@@ -317,8 +331,8 @@ fn blas_matmul<T: Float>(
     true
 }
 
-/// [`matmul`] through the `gemm` crate.
-fn builtin<T: Float>(dst: Dst<T>, a: Mat<T>, b: Mat<T>, alpha: T, accumulate: bool) {
+/// [`matmul`] through the `gemm` crate, on the rayon pool's threads if `threaded`.
+fn builtin<T: Float>(dst: Dst<T>, a: Mat<T>, b: Mat<T>, alpha: T, accumulate: bool, threaded: bool) {
     assert_eq!(a.cols, b.rows, "gemm: inner sizes differ");
     let (m, k, n) = (a.rows, a.cols, b.cols);
     if m == 0 || n == 0 {
@@ -337,7 +351,7 @@ fn builtin<T: Float>(dst: Dst<T>, a: Mat<T>, b: Mat<T>, alpha: T, accumulate: bo
     a.assert_in_bounds("lhs");
     b.assert_in_bounds("rhs");
     // The gemm crate runs small products on one thread by itself.
-    let parallelism = if rayon::current_num_threads() > 1 {
+    let parallelism = if threaded && rayon::current_num_threads() > 1 {
         Parallelism::Rayon(rayon::current_num_threads())
     } else {
         Parallelism::None
@@ -458,7 +472,7 @@ mod tests {
                     for accumulate in [false, true] {
                         let ld = n + 2; // dst with a row stride wider than n
                         let mut want = vec![0.25; m * ld];
-                        builtin(Dst::of(&mut want, ld), av, bv, 0.5, accumulate);
+                        builtin(Dst::of(&mut want, ld), av, bv, 0.5, accumulate, true);
                         let mut got = vec![0.25; m * ld];
                         assert!(blas_matmul(f, Dst::of(&mut got, ld), av, bv, 0.5, accumulate));
                         for (g, w) in got.iter().zip(&want) {
