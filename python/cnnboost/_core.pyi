@@ -40,6 +40,11 @@ def get_gemm() -> str:
     """What computes the kernels' matrix products: ``"blas"`` (a registered BLAS;
     the torch modules register torch's) or ``"builtin"`` (the ``gemm`` crate)."""
 
+def expand_planes(values: ArrayLike, hw: int) -> Array:
+    """``values`` (shape ``S``) with each value repeated ``hw`` times: a new array of
+    shape ``S + (hw,)``, the gradient of a global average pooling (``values`` already
+    divided by ``hw``) written out."""
+
 def _set_blas(sgemm: int, dgemm: int) -> None:
     """Registers a BLAS's ``sgemm_``/``dgemm_`` by address (``(0, 0)``: back to the
     built-in GEMM). Checked by a small product; raises ``RuntimeError`` if it

@@ -45,6 +45,40 @@ def torch_blas() -> tuple[int, int] | None:
     return None
 
 
+@torch.library.custom_op("cnnboost::expand_planes", mutates_args=())
+def expand_planes(values: torch.Tensor, hw: int) -> torch.Tensor:
+    """``values`` ``[N, C]`` repeated over ``hw`` pixels: a new ``[N, C, hw]`` tensor."""
+    if values.device.type == "cpu":
+        from . import _core
+
+        return from_array(_core.expand_planes(to_array(values), hw))
+    return values[:, :, None].expand(*values.shape, hw).contiguous()
+
+
+@expand_planes.register_fake
+def _(values, hw):
+    return values.new_empty((*values.shape, hw))
+
+
+def pooling_grad(gx: torch.Tensor, shape: Sequence[int], stored: bool) -> torch.Tensor:
+    """The gradient of an ``[N, C, H, W]`` input that was average-pooled, from its
+    per-plane values ``gx`` ``[N, C]``: every pixel of a plane gets the same value.
+
+    A broadcast view costs nothing where the gradient flows on into another op; but
+    the gradient of an input that torch stores (``stored``: a leaf that requires
+    grad) must be a full tensor, and torch would clone the view into fresh pages. The
+    kernels write that one faster (a reused buffer on huge pages, in parallel)."""
+    if stored:
+        return expand_planes(gx, shape[2] * shape[3]).view(shape)
+    return gx[:, :, None, None].expand(shape)
+
+
+def grad_is_stored(x: torch.Tensor) -> bool:
+    """Whether autograd will keep ``x``'s gradient in ``x.grad`` (a leaf that requires
+    grad) rather than pass it on."""
+    return x.requires_grad and x.is_leaf
+
+
 def _use_torch_blas() -> None:
     """Computes the kernels' products with torch's BLAS, unless the user chose
     (``cnnboost.set_gemm``, or ``CNNBOOST_GEMM``); where torch has none to lend, the

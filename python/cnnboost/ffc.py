@@ -14,7 +14,18 @@ import torch
 from torch import Tensor, nn
 
 from . import _core
-from ._torch import autocast_input, core_for, check_choice, check_eps, check_int, check_tensor, from_array, to_array
+from ._torch import (
+    autocast_input,
+    check_choice,
+    check_eps,
+    check_int,
+    check_tensor,
+    core_for,
+    from_array,
+    grad_is_stored,
+    pooling_grad,
+    to_array,
+)
 
 __all__ = ["FFC"]
 
@@ -109,6 +120,7 @@ def _setup_context(ctx, inputs, output):
     _, pooled = output
     ctx.save_for_backward(x if x.dim() == 2 else pooled, ln_weight, ln_bias, fc_weight, fc_bias)
     ctx.x_shape = x.shape
+    ctx.grad_stored = grad_is_stored(x)
     ctx.config = (combine, eps, all_outputs)
     ctx.mark_non_differentiable(pooled)
 
@@ -122,9 +134,7 @@ def _backward(ctx, grad_out, _grad_pooled):
         grad_out.contiguous(), pooled, ln_weight, ln_bias, fc_weight, fc_bias, hw, combine, eps, all_outputs
     )
     if len(shape) == 4:
-        # Global average pooling gives every pixel of a plane the same gradient: a
-        # broadcast view, not an [N, C, H, W] buffer.
-        gx = gx[:, :, None, None].expand(shape)
+        gx = pooling_grad(gx, shape, ctx.grad_stored)
     return gx, glw, glb, gfw, gfb, None, None, None
 
 

@@ -26,6 +26,8 @@ from ._torch import (
     check_momentum,
     check_tensor,
     from_array,
+    grad_is_stored,
+    pooling_grad,
     sync_active,
     synced_batch_norm,
     to_array,
@@ -145,6 +147,7 @@ def _setup_context(ctx, inputs, output):
     )
     ctx.counts = (len(fc_weights), len(bn_weights))
     ctx.x_shape = x.shape
+    ctx.grad_stored = grad_is_stored(x)
     ctx.config = (norm_last_head, eps, training, all_outputs)
     ctx.mark_non_differentiable(mean, invstd, var, pooled)
 
@@ -160,9 +163,7 @@ def _backward(ctx, grad_out, _grad_mean, _grad_invstd, _grad_var, _grad_pooled):
         grad_out.contiguous(), pooled, mean, invstd, fc_weights, fc_biases, bn_weights, bn_biases, hw, *ctx.config
     )
     if len(shape) == 4:
-        # Global average pooling gives every pixel of a plane the same gradient: a
-        # broadcast view, not an [N, C, H, W] buffer.
-        gx = gx[:, :, None, None].expand(shape)
+        gx = pooling_grad(gx, shape, ctx.grad_stored)
     # The running statistics (read in eval) and the options get no gradient.
     return gx, gfw, gfb, gbw, gbb, [None] * h, [None] * h, None, None, None, None
 

@@ -160,6 +160,30 @@ fn get_gemm() -> &'static str {
     kernels::gemm::backend()
 }
 
+/// `values` (any shape `S`) with every value repeated `hw` times: shape `S + [hw]`.
+/// The gradient of a global average pooling, written out for an input whose
+/// gradient torch would store (a leaf): torch would otherwise clone the broadcast.
+#[pyfunction]
+fn expand_planes<'py>(values: &Bound<'py, PyAny>, hw: i64) -> PyResult<Bound<'py, PyAny>> {
+    if hw < 0 {
+        return Err(PyValueError::new_err(format!("hw: expected an integer >= 0, got {hw}")));
+    }
+    array::dispatch!(values, "values", expand_planes_t(hw as usize))
+}
+
+fn expand_planes_t<'py, T: numpy::Element + kernels::Float>(
+    values: &Bound<'py, PyAny>,
+    hw: usize,
+) -> PyResult<Bound<'py, PyAny>> {
+    let v = array::input::<T>(values, "values")?;
+    let mut shape = v.shape().to_vec();
+    shape.push(hw);
+    kernels::checked_numel("values", &shape).map_err(to_py_err)?;
+    let src = v.slice();
+    let out = compute(values.py(), || kernels::pool::broadcast_planes(src, hw))?;
+    array::output(values.py(), out, &shape)
+}
+
 /// Runs `$rayon` or, under `set_backend("candle")`, `$candle`: two calls of the
 /// same signature (the candle `*_host` adapters mirror the rayon kernels').
 macro_rules! backend {
@@ -186,6 +210,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(get_backend, m)?)?;
     m.add_function(wrap_pyfunction!(_set_blas, m)?)?;
     m.add_function(wrap_pyfunction!(get_gemm, m)?)?;
+    m.add_function(wrap_pyfunction!(expand_planes, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_in_kernel, m)?)?;
     m.add_class::<ab::Ab>()?;
     m.add_class::<afi::Afi>()?;

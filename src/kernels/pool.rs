@@ -153,9 +153,47 @@ pub fn scale_planes<T: Float>(src: &[T], scale: &[T], shift: Option<&[T]>, hw: u
     out
 }
 
+/// A new `[planes, hw]` map whose plane `p` is `values[p]` everywhere: global average
+/// pooling's input gradient (`values` already divided by `hw`), written once into a
+/// fresh buffer, where the broadcast view `torch` would otherwise clone.
+pub fn broadcast_planes<T: Float>(values: &[T], hw: usize) -> Vec<T> {
+    let len = values.len() * hw;
+    let mut out = output_buffer::<T>(len);
+    if len == 0 {
+        return out;
+    }
+    let per = planes_per_task(hw, 1);
+    out.spare_capacity_mut()[..len].par_chunks_mut(per * hw).zip(values.par_chunks(per)).for_each(
+        |(o, vs)| {
+            for (plane, &v) in o.chunks_exact_mut(hw).zip(vs) {
+                for d in plane {
+                    d.write(v);
+                }
+            }
+        },
+    );
+    // SAFETY: the chunks cover all `len` elements, whole planes, each written.
+    unsafe { out.set_len(len) };
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn broadcast_planes_fills_each_plane() {
+        let values: Vec<f32> = (0..1000).map(|i| i as f32 * 0.5).collect();
+        for hw in [1, 7, 49, 3000] {
+            let out = broadcast_planes(&values, hw);
+            assert_eq!(out.len(), values.len() * hw);
+            for (p, plane) in out.chunks_exact(hw).enumerate() {
+                assert!(plane.iter().all(|&v| v == values[p]), "hw {hw}, plane {p}");
+            }
+        }
+        assert!(broadcast_planes::<f64>(&[], 5).is_empty());
+        assert!(broadcast_planes(&[1.0f64], 0).is_empty());
+    }
 
     #[test]
     fn pools_each_plane() {
