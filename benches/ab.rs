@@ -60,3 +60,16 @@ fn backward_train(b: Bencher, i: usize) {
         ab::backward(&s.cfg, &g, &s.x, s.n, s.hw, &s.params(), &f.pooled, &f.mean, &f.invstd).unwrap()
     });
 }
+
+#[divan::bench(args = [0, 1, 2], sample_count = 20)]
+fn forward_eval(b: Bencher, i: usize) {
+    let s = Setup::new(i, false);
+    b.bench(|| ab::forward(&s.cfg, &s.x, s.n, s.hw, &s.params(), s.running()).unwrap());
+}
+
+/// A plain copy of the map, the floor of an eval forward (read x, write out once).
+#[divan::bench(args = [0, 1, 2], sample_count = 20)]
+fn copy(b: Bencher, i: usize) {
+    let s = Setup::new(i, false);
+    b.bench(|| s.x.clone());
+}
