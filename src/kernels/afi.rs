@@ -255,12 +255,7 @@ pub fn forward<T: Float>(xs: &[&[T]], n: usize, c: usize, hw: usize, p: &Params<
             plane_means(xs, k * per + q, hw, zq);
         }
     });
-    let mut z = vec![T::zero(); m * nc];
-    for (pl, zq) in zt.chunks_exact(m).enumerate() {
-        for (i, &v) in zq.iter().enumerate() {
-            z[i * nc + pl] = v;
-        }
-    }
+    let z = map_major(&zt, m);
     drop(zt);
 
     // The scorer, for all M maps at once.
@@ -279,6 +274,19 @@ pub fn forward<T: Float>(xs: &[&[T]], n: usize, c: usize, hw: usize, p: &Params<
     unsafe { out.set_len(nc * hw) };
 
     Ok(Forward { out, z, hidden: h, weights })
+}
+
+/// A plane-major `[planes, m]` matrix (one value per map for each plane) laid out
+/// map by map, `[m, planes]`.
+fn map_major<T: Float>(plane_major: &[T], m: usize) -> Vec<T> {
+    let planes = plane_major.len() / m.max(1);
+    let mut out = vec![T::zero(); plane_major.len()];
+    for (pl, row) in plane_major.chunks_exact(m).enumerate() {
+        for (i, &v) in row.iter().enumerate() {
+            out[i * planes + pl] = v;
+        }
+    }
+    out
 }
 
 /// Largest `M·C·H·W` of one sample, in bytes, that [`forward`] processes sample by
@@ -308,12 +316,7 @@ fn forward_per_sample<T: Float>(
             for (ch, zq) in zt.chunks_exact_mut(m).enumerate() {
                 plane_means(xs, b * c + ch, hw, zq);
             }
-            let mut z = vec![T::zero(); m * c];
-            for (ch, zq) in zt.chunks_exact(m).enumerate() {
-                for (i, &v) in zq.iter().enumerate() {
-                    z[i * c + ch] = v;
-                }
-            }
+            let z = map_major(&zt, m);
             let (h, w) = score(&z, m, c, hidden, p, true);
             for (ch, dst) in o.chunks_exact_mut(hw).enumerate() {
                 fuse_plane(xs, b * c + ch, hw, dst, |i| w[i * c + ch]);
