@@ -53,6 +53,16 @@ fn lane_sum<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> f64 {
 /// at least as long as `a`), accumulated as in [`lane_sum`].
 #[inline(always)]
 fn lane_sums<T: Float, const K: usize>(a: &[T], bs: [&[T]; K], f: impl Fn(T, T) -> T) -> [f64; K] {
+    if a.len() < BLOCK {
+        short_lane_sums(a, bs, f)
+    } else {
+        block_lane_sums(a, bs, f)
+    }
+}
+
+/// [`lane_sums`] by blocks of [`BLOCK`], for any length.
+#[inline(always)]
+fn block_lane_sums<T: Float, const K: usize>(a: &[T], bs: [&[T]; K], f: impl Fn(T, T) -> T) -> [f64; K] {
     let bs = bs.map(|b| &b[..a.len()]);
     let mut total = [[0.0f64; 8]; K];
     let lanes = |start: usize, len: usize, total: &mut [[f64; 8]; K]| {
@@ -81,6 +91,25 @@ fn lane_sums<T: Float, const K: usize>(a: &[T], bs: [&[T]; K], f: impl Fn(T, T) 
     std::array::from_fn(|k| {
         let t = &total[k];
         let tail: f64 = a[whole..].iter().zip(&bs[k][whole..]).map(|(&x, &y)| f(x, y).as_f64()).sum();
+        ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7])) + tail
+    })
+}
+
+/// [`lane_sums`] of slices shorter than one block (a 7×7 plane): the same lanes and
+/// the same order of additions, so the same result, in straight-line code per slice.
+#[inline(always)]
+fn short_lane_sums<T: Float, const K: usize>(a: &[T], bs: [&[T]; K], f: impl Fn(T, T) -> T) -> [f64; K] {
+    let whole = a.len() / 8 * 8;
+    std::array::from_fn(|k| {
+        let b = &bs[k][..a.len()];
+        let mut acc = [T::zero(); 8];
+        for (x8, y8) in a[..whole].chunks_exact(8).zip(b[..whole].chunks_exact(8)) {
+            for i in 0..8 {
+                acc[i] += f(x8[i], y8[i]);
+            }
+        }
+        let t = acc.map(|v| v.as_f64());
+        let tail: f64 = a[whole..].iter().zip(&b[whole..]).map(|(&x, &y)| f(x, y).as_f64()).sum();
         ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7])) + tail
     })
 }
@@ -180,6 +209,18 @@ pub fn broadcast_planes<T: Float>(values: &[T], hw: usize) -> Vec<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn short_sums_equal_block_sums_bit_for_bit() {
+        let a: Vec<f32> = (0..BLOCK).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.173).collect();
+        let b: Vec<f32> = (0..BLOCK).map(|i| ((i * 53 % 97) as f32 - 48.0) * 0.091).collect();
+        for len in 0..BLOCK {
+            let (x, y) = (&a[..len], &b[..len]);
+            let short = short_lane_sums(x, [x, y], |p, q| p * q);
+            let block = block_lane_sums(x, [x, y], |p, q| p * q);
+            assert_eq!(short.map(f64::to_bits), block.map(f64::to_bits), "len {len}");
+        }
+    }
 
     #[test]
     fn broadcast_planes_fills_each_plane() {
