@@ -125,7 +125,7 @@ fn self_check<T: Float>(f: BlasGemm<T>) -> Result<(), String> {
         let mut want = vec![T::one(); m * n];
         builtin(Dst::of(&mut want, n), av, bv, T::of(0.5), true, true);
         let mut got = vec![T::one(); m * n];
-        if !blas_matmul(f, Dst::of(&mut got, n), av, bv, T::of(0.5), true) {
+        if !blas_matmul(f, &Dst::of(&mut got, n), av, bv, T::of(0.5), true) {
             return Err("cannot address the check's operands".into());
         }
         // Small integers: both compute them exactly.
@@ -233,8 +233,7 @@ impl<'a, T> Dst<'a, T> {
 
 fn product<T: Float>(dst: Dst<T>, a: Mat<T>, b: Mat<T>, alpha: T, accumulate: bool) {
     if let Some(f) = T::blas() {
-        if blas_layouts(&dst, a, b).is_some() {
-            blas_matmul(f, dst, a, b, alpha, accumulate);
+        if blas_matmul(f, &dst, a, b, alpha, accumulate) {
             return;
         }
     }
@@ -278,13 +277,13 @@ fn blas_layouts<T>(dst: &Dst<T>, a: Mat<T>, b: Mat<T>) -> Option<(u8, i64, u8, i
 }
 
 /// `dst = alpha · a · b (+ dst)` through a BLAS GEMM; false (and nothing written) if
-/// BLAS cannot address an operand.
+/// BLAS cannot address an operand or a size is zero (the built-in path does those).
 ///
 /// Row-major `dst` (`m × n`, `ld`) is column-major `dstᵀ`, so BLAS computes
 /// `dstᵀ = bᵀ · aᵀ`.
 fn blas_matmul<T: Float>(
     f: BlasGemm<T>,
-    dst: Dst<T>,
+    dst: &Dst<T>,
     a: Mat<T>,
     b: Mat<T>,
     alpha: T,
@@ -293,10 +292,9 @@ fn blas_matmul<T: Float>(
     assert_eq!(a.cols, b.rows, "gemm: inner sizes differ");
     let (m, k, n) = (a.rows, a.cols, b.cols);
     if m == 0 || n == 0 || k == 0 {
-        builtin(dst, a, b, alpha, accumulate, true);
-        return true;
+        return false; // nothing for BLAS to do; the built-in path handles empty sizes
     }
-    let Some((ta, lda, tb, ldb)) = blas_layouts(&dst, a, b) else {
+    let Some((ta, lda, tb, ldb)) = blas_layouts(dst, a, b) else {
         return false;
     };
     dst.assert_fits(m, n);
@@ -474,7 +472,7 @@ mod tests {
                         let mut want = vec![0.25; m * ld];
                         builtin(Dst::of(&mut want, ld), av, bv, 0.5, accumulate, true);
                         let mut got = vec![0.25; m * ld];
-                        assert!(blas_matmul(f, Dst::of(&mut got, ld), av, bv, 0.5, accumulate));
+                        assert!(blas_matmul(f, &Dst::of(&mut got, ld), av, bv, 0.5, accumulate));
                         for (g, w) in got.iter().zip(&want) {
                             assert!((g - w).abs() < 1e-12, "{g} vs {w}");
                         }
@@ -485,7 +483,7 @@ mod tests {
             let row = Mat { data: &a[..k], rows: 1, cols: k, row_stride: 1000, col_stride: 1 };
             let col = Mat { data: &b[..k], rows: k, cols: 1, row_stride: 1, col_stride: 77 };
             let mut got = [0.0];
-            assert!(blas_matmul(f, Dst::of(&mut got, 1), row, col, 1.0, false));
+            assert!(blas_matmul(f, &Dst::of(&mut got, 1), row, col, 1.0, false));
             let want: f64 = a[..k].iter().zip(&b[..k]).map(|(x, y)| x * y).sum();
             assert!((got[0] - want).abs() < 1e-12);
         }
@@ -498,7 +496,7 @@ mod tests {
         let mut dst = vec![0.0; 9];
         assert!(!blas_matmul(
             naive_dgemm::<i32>,
-            Dst::of(&mut dst, 3),
+            &Dst::of(&mut dst, 3),
             strided,
             Mat::new(&a, 3, 3),
             1.0,
