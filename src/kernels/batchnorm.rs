@@ -22,28 +22,56 @@ pub struct BatchStats<T> {
     pub var_unbiased: Vec<T>,
 }
 
-/// Per-column sums over rows of `f(row, column)`, in f64, over fixed column blocks
-/// (so the result does not depend on the thread count).
-pub fn column_sums(n: usize, c: usize, f: impl Fn(usize, usize) -> f64 + Sync) -> Vec<f64> {
+/// Rows a column reduction adds per sweep over its accumulators, which it then loads
+/// and stores once for that many rows.
+const ROWS_PER_SWEEP: usize = 4;
+
+/// Visits rows `0..n` as `visit(first_row, rows)`: sweeps of `ROWS_PER_SWEEP` rows,
+/// then single rows for the rest.
+fn in_sweeps(n: usize, mut visit: impl FnMut(usize, usize)) {
+    let full = n / ROWS_PER_SWEEP * ROWS_PER_SWEEP;
+    (0..full).step_by(ROWS_PER_SWEEP).for_each(|i| visit(i, ROWS_PER_SWEEP));
+    (full..n).for_each(|i| visit(i, 1));
+}
+
+/// Per-column sums over the `n` rows of `f(element, column)`, in f64, over fixed
+/// column blocks (so the result does not depend on the thread count); `row(i)` is row
+/// `i`'s `c` elements.
+pub fn column_sums<'a, T: Float + 'a>(
+    n: usize,
+    c: usize,
+    row: impl Fn(usize) -> &'a [T] + Sync,
+    f: impl Fn(T, usize) -> f64 + Sync,
+) -> Vec<f64> {
     let mut out = vec![0.0f64; c];
     out.par_chunks_mut(COL_BLOCK).enumerate().for_each(|(b, acc)| {
-        let j0 = b * COL_BLOCK;
-        for i in 0..n {
-            for (dj, a) in acc.iter_mut().enumerate() {
-                *a += f(i, j0 + dj);
-            }
-        }
+        let (j0, width) = (b * COL_BLOCK, acc.len());
+        let block = |i: usize| &row(i)[j0..j0 + width];
+        let f = |v, dj| f(v, j0 + dj);
+        in_sweeps(n, |i, rows| match rows {
+            ROWS_PER_SWEEP => add_rows::<T, ROWS_PER_SWEEP>(acc, &std::array::from_fn(|k| block(i + k)), &f),
+            _ => add_rows::<T, 1>(acc, &[block(i)], &f),
+        });
     });
     out
+}
+
+/// Adds `f(element, column)` of `R` rows to the column accumulators.
+#[inline(always)]
+fn add_rows<T: Float, const R: usize>(acc: &mut [f64], rows: &[&[T]; R], f: &impl Fn(T, usize) -> f64) {
+    for (j, a) in acc.iter_mut().enumerate() {
+        *a += rows.iter().map(|r| f(r[j], j)).sum::<f64>();
+    }
 }
 
 /// Batch mean, inverse standard deviation and unbiased variance of each column.
 pub fn batch_stats<T: Float>(x: &[T], n: usize, c: usize, ld: usize, eps: f64) -> BatchStats<T> {
     let inv_n = 1.0 / n.max(1) as f64;
-    let mean = column_sums(n, c, |i, j| x[i * ld + j].as_f64());
+    let row = |i: usize| &x[i * ld..i * ld + c];
+    let mean = column_sums(n, c, row, |v, _| v.as_f64());
     let mean: Vec<f64> = mean.into_iter().map(|s| s * inv_n).collect();
-    let ssd = column_sums(n, c, |i, j| {
-        let d = x[i * ld + j].as_f64() - mean[j];
+    let ssd = column_sums(n, c, row, |v, j| {
+        let d = v.as_f64() - mean[j];
         d * d
     });
     let unbiased_div = if n > 1 { (n - 1) as f64 } else { f64::NAN };
@@ -80,9 +108,8 @@ pub fn normalize<T: Float>(
         return y;
     }
     y.par_chunks_mut(c).enumerate().for_each(|(i, row)| {
-        let xr = &x[i * ld..i * ld + c];
-        for j in 0..c {
-            row[j] = act(xr[j] * scale[j] + shift[j]);
+        for (((o, &v), &s), &b) in row.iter_mut().zip(&x[i * ld..i * ld + c]).zip(&scale).zip(&shift) {
+            *o = act(v * s + b);
         }
     });
     y
@@ -143,7 +170,8 @@ pub fn backward_into<T: Float>(
         let dyr = &dy[i * c + j0..i * c + j0 + width];
         (dyr, relu_out.map_or(dyr, |a| &a[i * c + j0..i * c + j0 + width]))
     };
-    // One pass over the rows for both column sums, Σ dy and Σ dy·x̂, in f64.
+    // One pass over the rows for both column sums, Σ dy and Σ dy·x̂, in f64,
+    // ROWS_PER_SWEEP rows at a time.
     let mut dbeta = vec![0.0f64; c];
     let mut dgamma = vec![0.0f64; c];
     dbeta.par_chunks_mut(COL_BLOCK).zip(dgamma.par_chunks_mut(COL_BLOCK)).enumerate().for_each(
@@ -151,15 +179,25 @@ pub fn backward_into<T: Float>(
             let j0 = b * COL_BLOCK;
             let width = db.len();
             let (mu, is) = (&mean[j0..j0 + width], &invstd[j0..j0 + width]);
-            for i in 0..n {
+            let row = |i: usize| {
                 let (dyr, ar) = rows(i, j0, width);
-                let xr = &x[i * ld + j0..i * ld + j0 + width];
-                if relu_out.is_some() {
-                    sums_row::<T, true>(db, dg, dyr, ar, xr, mu, is);
-                } else {
-                    sums_row::<T, false>(db, dg, dyr, ar, xr, mu, is);
+                (dyr, ar, &x[i * ld + j0..i * ld + j0 + width])
+            };
+            let masked = relu_out.is_some();
+            in_sweeps(n, |i, rows| match (rows, masked) {
+                (ROWS_PER_SWEEP, true) => {
+                    sums_rows::<T, true, ROWS_PER_SWEEP>(db, dg, &std::array::from_fn(|k| row(i + k)), mu, is)
                 }
-            }
+                (ROWS_PER_SWEEP, false) => sums_rows::<T, false, ROWS_PER_SWEEP>(
+                    db,
+                    dg,
+                    &std::array::from_fn(|k| row(i + k)),
+                    mu,
+                    is,
+                ),
+                (_, true) => sums_rows::<T, true, 1>(db, dg, &[row(i)], mu, is),
+                (_, false) => sums_rows::<T, false, 1>(db, dg, &[row(i)], mu, is),
+            });
         },
     );
     // dx = γ·σ⁻¹·(dy − Σdy/n − x̂·Σ(dy·x̂)/n), with the per-column factors folded:
@@ -198,23 +236,26 @@ fn through_relu<T: Float, const MASK: bool>(dy: T, a: T) -> f64 {
     }
 }
 
-/// Adds one row's terms to the column sums Σ dy (`db`) and Σ dy·x̂ (`dg`).
+/// Adds the terms of `R` rows, each `(dy, a, x)`, to the column sums Σ dy (`db`) and
+/// Σ dy·x̂ (`dg`).
 #[inline(always)]
-fn sums_row<T: Float, const MASK: bool>(
+fn sums_rows<T: Float, const MASK: bool, const R: usize>(
     db: &mut [f64],
     dg: &mut [f64],
-    dy: &[T],
-    a: &[T],
-    x: &[T],
+    rows: &[(&[T], &[T], &[T]); R],
     mu: &[T],
     is: &[T],
 ) {
-    for (((((b, g), &d), &av), &xv), (&m, &s)) in
-        db.iter_mut().zip(dg.iter_mut()).zip(dy).zip(a).zip(x).zip(mu.iter().zip(is))
-    {
-        let d = through_relu::<T, MASK>(d, av);
-        *b += d;
-        *g += d * (xv.as_f64() - m.as_f64()) * s.as_f64();
+    for (j, ((b, g), (&m, &s))) in db.iter_mut().zip(dg.iter_mut()).zip(mu.iter().zip(is)).enumerate() {
+        let (m, s) = (m.as_f64(), s.as_f64());
+        let (mut sb, mut sg) = (0.0, 0.0);
+        for (dy, a, x) in rows {
+            let d = through_relu::<T, MASK>(dy[j], a[j]);
+            sb += d;
+            sg += d * (x[j].as_f64() - m);
+        }
+        *b += sb;
+        *g += sg * s;
     }
 }
 
@@ -244,6 +285,23 @@ mod tests {
         let s = batch_stats(x, n, c, ld, 1e-5);
         let y = normalize(x, n, c, ld, &s.mean, &s.invstd, g, b, |v| v);
         y.iter().zip(w).map(|(a, b)| a * b).sum()
+    }
+
+    #[test]
+    fn stats_match_naive_sums_for_every_row_count() {
+        // Row counts around the sweep width, and more columns than one block.
+        let (c, ld) = (COL_BLOCK + 44, COL_BLOCK + 50);
+        for n in 1..=2 * ROWS_PER_SWEEP + 1 {
+            let x: Vec<f64> = (0..n * ld).map(|i| ((i * 7919) % 263) as f64 / 37.0 - 3.0).collect();
+            let s = batch_stats(&x, n, c, ld, 1e-5);
+            for j in 0..c {
+                let col: Vec<f64> = (0..n).map(|i| x[i * ld + j]).collect();
+                let mean = col.iter().sum::<f64>() / n as f64;
+                let ssd: f64 = col.iter().map(|v| (v - mean) * (v - mean)).sum();
+                assert!((s.mean[j] - mean).abs() < 1e-12, "n={n} j={j}");
+                assert!((s.invstd[j] - 1.0 / (ssd / n as f64 + 1e-5).sqrt()).abs() < 1e-9, "n={n} j={j}");
+            }
+        }
     }
 
     #[test]
