@@ -3,9 +3,9 @@
 //!
 //! In: `obj.__dlpack__()` gives a capsule with torch's device pointer; it is wrapped
 //! as candle storage in place. candle would free that storage when the last tensor
-//! using it drops, so the wrapping tensor is never dropped ([`CudaIn`] keeps it in a
-//! `ManuallyDrop`: a few hundred bytes of host memory per argument and call stay
-//! allocated) and the DLPack deleter hands the memory back to torch.
+//! using it drops, so the wrapping tensor is never dropped: [`Borrowed`] keeps one
+//! per torch block (a few hundred bytes of host memory each, bounded) and each call
+//! reads a view of it. The DLPack deleter hands the memory back to torch.
 //! Out: each result tensor is handed over in a `"dltensor"` capsule whose deleter
 //! drops it; `torch.from_dlpack` takes it without a copy.
 //!
@@ -15,6 +15,7 @@
 //! per call.
 
 use super::array::fmt_shape;
+use crate::candle::borrowed::Borrowed;
 use candle_core::cuda_backend::cudarc::driver::DevicePtr;
 use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, DType, Device, Storage, Tensor};
@@ -23,7 +24,6 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr};
-use std::mem::ManuallyDrop;
 use std::sync::Mutex;
 
 const KDL_CUDA: i32 = 2;
@@ -85,7 +85,7 @@ pub fn device(id: usize) -> PyResult<Device> {
 
 /// A torch CUDA tensor read in place as a candle tensor.
 pub struct CudaIn {
-    tensor: ManuallyDrop<Tensor>,
+    tensor: Tensor,
     managed: *mut DLManagedTensor,
     pub device_id: usize,
 }
@@ -228,19 +228,28 @@ pub fn input(obj: &Bound<'_, PyAny>, arg: &str, like: Option<(DType, usize)>) ->
     let stream = cuda.cuda_stream();
     let ptr = t.data as u64 + t.byte_offset;
     // SAFETY: torch's allocation holds `numel` elements of `dtype` at `ptr`, alive until
-    // the deleter runs (after the tensor below is done with); the tensor is never
-    // dropped, so candle never frees it.
-    let storage = unsafe {
-        match dtype {
-            DType::F32 => {
-                CudaStorage::wrap_cuda_slice(stream.upgrade_device_ptr::<f32>(ptr, numel), cuda.clone())
+    // the deleter runs (after the view below is done with); `BORROWED` never drops the
+    // tensor that wraps it, so candle never frees it.
+    let wrap = || {
+        let storage = unsafe {
+            match dtype {
+                DType::F32 => {
+                    CudaStorage::wrap_cuda_slice(stream.upgrade_device_ptr::<f32>(ptr, numel), cuda.clone())
+                }
+                _ => CudaStorage::wrap_cuda_slice(stream.upgrade_device_ptr::<f64>(ptr, numel), cuda.clone()),
             }
-            _ => CudaStorage::wrap_cuda_slice(stream.upgrade_device_ptr::<f64>(ptr, numel), cuda.clone()),
-        }
+        };
+        Ok(Tensor::from_storage(Storage::Cuda(storage), numel, BackpropOp::none(), false))
     };
-    let tensor = Tensor::from_storage(Storage::Cuda(storage), dims, BackpropOp::none(), false);
-    Ok(CudaIn { tensor: ManuallyDrop::new(tensor), managed, device_id: id })
+    match unsafe { BORROWED.view((ptr, numel, dtype, id), &dims, wrap) } {
+        Ok(tensor) => Ok(CudaIn { tensor, managed, device_id: id }),
+        Err(e) => fail(format!("{arg}: could not read the CUDA tensor in place: {e}")),
+    }
 }
+
+/// The wrappers of torch's CUDA memory (see the module doc): 4096 blocks cover a
+/// model's parameters and activations many times over.
+static BORROWED: Borrowed = Borrowed::new(4096);
 
 /// Reads CUDA arguments that share `like`, the dtype and device of the call's first
 /// array (None until that first array is read; see [`input`]).

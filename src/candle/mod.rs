@@ -18,6 +18,7 @@
 
 pub mod ab;
 pub mod afi;
+pub mod borrowed;
 pub mod ffc;
 pub mod ssm;
 
