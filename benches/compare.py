@@ -8,13 +8,22 @@ output written once), so 100% of copy is the floor no implementation can pass.
     python benches/compare.py                 # every case
     python benches/compare.py --only ffc      # cases whose name starts with "ffc"
     python benches/compare.py --no-compile    # skip torch.compile (compiling takes minutes)
+    python benches/compare.py --processes 3   # each case in 3 fresh processes: median ratio, range
+
+A case's speed can differ from one process to the next on a shared machine (a 3 ms
+call measured 2.7 ms in some fresh processes and 4-5 ms in others, the same minute),
+so ``--processes N`` runs each case in N fresh processes and reports the median of
+their ratios, with the lowest and highest.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
@@ -201,31 +210,66 @@ def main(argv: Optional[Sequence[str]] = None):
                         help="cpu, or cuda (needs the CUDA build, cnnboost-cuda: README, 'CUDA')")
     parser.add_argument("--gemm", choices=["blas", "builtin"],
                         help="what computes cnnboost's CPU products (default: torch's BLAS where torch has one)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="run each case in this many fresh processes; report the median ratio and its range")
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one case by name, times as JSON
     args = parser.parse_args(argv)
     if args.gemm:
         cnnboost.set_gemm(args.gemm)
     torch.set_default_device(args.device)
-    cases = [c for group in CASE_GROUPS.values() for c in group() if c.name.startswith(args.only)]
+    all_cases = [c for group in CASE_GROUPS.values() for c in group()]
+    if args.case:
+        (case,) = [c for c in all_cases if c.name == args.case]
+        print(json.dumps(bench_case(case, args.reps, not args.no_compile)))
+        return
+    cases = [c for c in all_cases if c.name.startswith(args.only)]
     gflops, gbs = machine_rates()
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} threads"
+    runs = f"medians of {args.reps}" + (f", in each of {args.processes} processes" if args.processes > 1 else "")
     print(f"torch {torch.__version__}, {args.device}: {where}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, cnnboost GEMM: {cnnboost.get_gemm()}; "
-          f"roofline: torch GEMM {gflops:.0f} GFLOP/s, copy {gbs:.1f} GB/s; medians of {args.reps}")
+          f"roofline: torch GEMM {gflops:.0f} GFLOP/s, copy {gbs:.1f} GB/s; {runs}")
     head = f"{'case':<28} {'cnnboost':>9} {'eager':>9} {'compile':>9} {'vs eager':>9} {'vs comp.':>9}  achieved"
     print(head)
     print("-" * len(head))
     for case in cases:
-        t = bench_case(case, args.reps, not args.no_compile)
-        fast = t["cnnboost"]
-        comp = t.get("compile")
-        ach = ""
-        if case.flops:
-            ach = f"{case.flops / fast / 1e9:.0f} GFLOP/s ({100 * case.flops / fast / 1e9 / gflops:.0f}% of GEMM)"
-        elif case.bytes:
-            ach = f"{case.bytes / fast / 1e9:.1f} GB/s ({100 * case.bytes / fast / 1e9 / gbs:.0f}% of copy)"
-        print(f"{case.name:<28} {fast * 1e3:>7.2f}ms {t['eager'] * 1e3:>7.2f}ms "
-              f"{(comp * 1e3 if comp else float('nan')):>7.2f}ms {t['eager'] / fast:>8.2f}x "
-              f"{(comp / fast if comp else float('nan')):>8.2f}x  {ach}", flush=True)
+        if args.processes > 1:
+            print_row(case, [child_times(case, args) for _ in range(args.processes)], gflops, gbs)
+        else:
+            print_row(case, [bench_case(case, args.reps, not args.no_compile)], gflops, gbs)
+
+
+def child_times(case: Case, args) -> dict:
+    """The case's times measured in a fresh process (this script with ``--case``)."""
+    cmd = [sys.executable, __file__, "--case", case.name, "--reps", str(args.reps), "--device", args.device]
+    cmd += ["--no-compile"] if args.no_compile else []
+    cmd += ["--gemm", args.gemm] if args.gemm else []
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def print_row(case: Case, times: List[dict], gflops: float, gbs: float):
+    """One table row from one or more processes' times: median times and ratios, and
+    the ratios' range when there are several."""
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    fast = med([t["cnnboost"] for t in times])
+    eager = med([t["eager"] for t in times])
+    comp = med([t["compile"] for t in times]) if "compile" in times[0] else None
+
+    def ratio(key):
+        if key not in times[0]:
+            return f"{float('nan'):>8.2f}x"
+        rs = [t[key] / t["cnnboost"] for t in times]
+        spread = f" ({min(rs):.2f}-{max(rs):.2f})" if len(rs) > 1 else ""
+        return f"{med(rs):>8.2f}x{spread}"
+
+    ach = ""
+    if case.flops:
+        ach = f"{case.flops / fast / 1e9:.0f} GFLOP/s ({100 * case.flops / fast / 1e9 / gflops:.0f}% of GEMM)"
+    elif case.bytes:
+        ach = f"{case.bytes / fast / 1e9:.1f} GB/s ({100 * case.bytes / fast / 1e9 / gbs:.0f}% of copy)"
+    print(f"{case.name:<28} {fast * 1e3:>7.2f}ms {eager * 1e3:>7.2f}ms "
+          f"{(comp * 1e3 if comp else float('nan')):>7.2f}ms {ratio('eager')} {ratio('compile')}  {ach}", flush=True)
 
 
 if __name__ == "__main__":
