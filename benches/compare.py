@@ -229,7 +229,8 @@ def main(argv: Optional[Sequence[str]] = None):
     print(f"torch {torch.__version__}, {args.device}: {where}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, cnnboost GEMM: {cnnboost.get_gemm()}; "
           f"roofline: torch GEMM {gflops:.0f} GFLOP/s, copy {gbs:.1f} GB/s; {runs}")
-    head = f"{'case':<28} {'cnnboost':>9} {'eager':>9} {'compile':>9} {'vs eager':>9} {'vs comp.':>9}  achieved"
+    w = 21 if args.processes > 1 else 9  # a ratio with its range: "1.12x (1.06-1.28)"
+    head = f"{'case':<28} {'cnnboost':>9} {'eager':>9} {'compile':>9} {'vs eager':>{w}} {'vs comp.':>{w}}  achieved"
     print(head)
     print("-" * len(head))
     for case in cases:
@@ -258,7 +259,7 @@ def print_row(case: Case, times: List[dict], gflops: float, gbs: float):
 
     def ratio(key):
         if key not in times[0]:
-            return f"{float('nan'):>8.2f}x"
+            return f"{float('nan'):>8.2f}x" + " " * (12 if len(times) > 1 else 0)
         rs = [t[key] / t["cnnboost"] for t in times]
         spread = f" ({min(rs):.2f}-{max(rs):.2f})" if len(rs) > 1 else ""
         return f"{med(rs):>8.2f}x{spread}"
