@@ -45,9 +45,11 @@ impl Setup {
     }
 }
 
-#[divan::bench(args = [0, 1, 2], sample_count = 20)]
-fn forward_train(b: Bencher, i: usize) {
-    let s = Setup::new(i, true);
+/// The forward in training (batch statistics) and in eval (running statistics: one
+/// pass over the map).
+#[divan::bench(consts = [true, false], args = [0, 1, 2], sample_count = 20)]
+fn forward<const TRAINING: bool>(b: Bencher, i: usize) {
+    let s = Setup::new(i, TRAINING);
     b.bench(|| ab::forward(&s.cfg, &s.x, s.n, s.hw, &s.params(), s.running()).unwrap());
 }
 
@@ -59,12 +61,6 @@ fn backward_train(b: Bencher, i: usize) {
     b.bench(|| {
         ab::backward(&s.cfg, &g, &s.x, s.n, s.hw, &s.params(), &f.pooled, &f.mean, &f.invstd).unwrap()
     });
-}
-
-#[divan::bench(args = [0, 1, 2], sample_count = 20)]
-fn forward_eval(b: Bencher, i: usize) {
-    let s = Setup::new(i, false);
-    b.bench(|| ab::forward(&s.cfg, &s.x, s.n, s.hw, &s.params(), s.running()).unwrap());
 }
 
 /// A plain copy of the map, the floor of an eval forward (read x, write out once).

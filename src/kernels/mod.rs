@@ -108,16 +108,10 @@ pub fn check_len<T>(arg: &str, data: &[T], dims: &[usize]) -> Result<()> {
 /// Per-column totals of a row-major matrix with `cols` columns, in f64 (bias
 /// gradients: the sum of the output gradient over the batch).
 pub fn column_totals<T: Float>(m: &[T], cols: usize) -> Vec<f64> {
-    let mut acc = vec![0.0f64; cols];
     if cols == 0 {
-        return acc;
+        return Vec::new();
     }
-    for row in m.chunks_exact(cols) {
-        for (a, &v) in acc.iter_mut().zip(row) {
-            *a += v.as_f64();
-        }
-    }
-    acc
+    batchnorm::column_sums(m.len() / cols, cols, |i| &m[i * cols..(i + 1) * cols], |v, _| v.as_f64())
 }
 
 /// Buffers this large are backed by 2 MiB pages where the kernel allows it.
