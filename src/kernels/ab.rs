@@ -19,6 +19,7 @@ use super::gemm::{matmul, matmul_serial, Mat};
 use super::pool::{global_avg_pool, plane_dots, plane_mean, scale_planes};
 use super::{check_len, checked_numel, column_totals, output_buffer, Error, Float, Result};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// The hyper-parameters of one AB block.
 #[derive(Debug, Clone, Copy)]
@@ -177,8 +178,10 @@ pub fn forward<T: Float>(
 /// The eval forward in one pass over memory: with running statistics a sample's gate
 /// depends on that sample alone, so each task pools one sample's planes and scales
 /// them while they are still in cache (for a 2048×7×7 sample, 400 KB: in L2), where
-/// the two-pass forward reads the whole map twice. Used when there are at least as
-/// many samples as threads; the results are those of the two-pass forward.
+/// the two-pass forward reads the whole map twice. With one channel per group (AB's
+/// default) a plane's gate depends on that plane alone, so each plane is pooled,
+/// gated and scaled in turn while it is in L1. Used when there are at least as many
+/// samples as threads; the results are those of the two-pass forward.
 /// Returns `(out, pooled)`; `mean` and `invstd` are the running statistics'.
 fn forward_eval_per_sample<T: Float>(
     cfg: &Config,
@@ -192,20 +195,36 @@ fn forward_eval_per_sample<T: Float>(
     let mut pooled = vec![T::zero(); n * c];
     let mut out = output_buffer::<T>(n * c * hw);
     let sample = c * hw;
+    // `normalize`'s affine form of the batch norm, for the per-plane path.
+    let scale: Vec<T> = invstd.iter().zip(p.bn_weight).map(|(&s, &g)| s * g).collect();
+    let shift: Vec<T> = (0..c).map(|j| p.bn_bias[j] - mean[j] * scale[j]).collect();
     out.spare_capacity_mut()[..n * sample]
         .par_chunks_mut(sample)
         .zip(pooled.par_chunks_mut(c))
         .zip(x.par_chunks(sample))
         .for_each(|((o, y), xs)| {
+            let scale_plane = |op: &mut [MaybeUninit<T>], sp: &[T], g: T| {
+                for (d, &v) in op.iter_mut().zip(sp) {
+                    d.write(g * v);
+                }
+            };
+            let planes = o.chunks_exact_mut(hw).zip(xs.chunks_exact(hw));
+            if cfg.groups == c {
+                // `conv` then `normalize`, one channel at a time, in their order of operations.
+                for (j, (op, sp)) in planes.enumerate() {
+                    y[j] = plane_mean(sp);
+                    let t = p.conv_bias.map_or(T::zero(), |b| b[j]) + p.conv_weight[j] * y[j];
+                    scale_plane(op, sp, sigmoid(t * scale[j] + shift[j]));
+                }
+                return;
+            }
             for (d, plane) in y.iter_mut().zip(xs.chunks_exact(hw)) {
                 *d = plane_mean(plane);
             }
             let t = conv(cfg, y, 1, p, true);
             let gate = batchnorm::normalize(&t, 1, c, c, mean, invstd, p.bn_weight, p.bn_bias, sigmoid);
-            for ((op, sp), &g) in o.chunks_exact_mut(hw).zip(xs.chunks_exact(hw)).zip(&gate) {
-                for (d, &v) in op.iter_mut().zip(sp) {
-                    d.write(g * v);
-                }
+            for ((op, sp), &g) in planes.zip(&gate) {
+                scale_plane(op, sp, g);
             }
         });
     // SAFETY: the chunks cover all `n * c * hw` elements and every one was written.
@@ -391,9 +410,12 @@ mod tests {
     fn eval_paths_agree() {
         // The per-sample eval forward (at least as many samples as threads) and the
         // two-pass one (fewer), against each other and the definition.
-        for (seed, n, c, hw, g, bias) in
-            [(11, 4, 6, 5, 6, true), (12, 3, 8, 7, 1, false), (13, 5, 12, 1, 3, true)]
-        {
+        for (seed, n, c, hw, g, bias) in [
+            (11, 4, 6, 5, 6, true),
+            (14, 3, 16, 49, 16, false),
+            (12, 3, 8, 7, 1, false),
+            (13, 5, 12, 1, 3, true),
+        ] {
             let case = Case::new(seed, n, c, hw, g, bias, false);
             let run = |threads: usize| {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
