@@ -27,24 +27,45 @@ pub struct Ab {
     eps: f64,
 }
 
+/// The parameters of one call, as Python passed them.
+#[derive(Clone, Copy)]
+struct ParamArgs<'a, 'py> {
+    conv_weight: &'a Bound<'py, PyAny>,
+    conv_bias: Option<&'a Bound<'py, PyAny>>,
+    bn_weight: &'a Bound<'py, PyAny>,
+    bn_bias: &'a Bound<'py, PyAny>,
+}
+
+/// The arguments of `AB.forward` after `x`.
+struct ForwardArgs<'a, 'py> {
+    params: ParamArgs<'a, 'py>,
+    running_mean: &'a Bound<'py, PyAny>,
+    running_var: &'a Bound<'py, PyAny>,
+    training: bool,
+}
+
+/// The arguments of `AB.backward` after `grad_out`.
+struct BackwardArgs<'a, 'py> {
+    x: &'a Bound<'py, PyAny>,
+    pooled: &'a Bound<'py, PyAny>,
+    mean: &'a Bound<'py, PyAny>,
+    invstd: &'a Bound<'py, PyAny>,
+    params: ParamArgs<'a, 'py>,
+    training: bool,
+}
+
 /// The parameters of one call, read and checked (NumPy arrays or CUDA tensors,
 /// after the [`Reader`]).
-struct Args<A> {
+struct CallParams<A> {
     w: A,
     b: Option<A>,
     gamma: A,
     beta: A,
 }
 
-impl<A> Args<A> {
-    fn read<'py, R: Reader<'py, Arr = A>>(
-        r: &R,
-        ab: &Ab,
-        conv_weight: &Bound<'py, PyAny>,
-        conv_bias: Option<&Bound<'py, PyAny>>,
-        bn_weight: &Bound<'py, PyAny>,
-        bn_bias: &Bound<'py, PyAny>,
-    ) -> PyResult<Self> {
+impl<A> CallParams<A> {
+    fn read<'py, R: Reader<'py, Arr = A>>(r: &R, ab: &Ab, args: ParamArgs<'_, 'py>) -> PyResult<Self> {
+        let ParamArgs { conv_weight, conv_bias, bn_weight, bn_bias } = args;
         let c = ab.channels;
         let cg = c / ab.groups;
         let w = r.read(conv_weight, "conv_weight")?;
@@ -53,11 +74,11 @@ impl<A> Args<A> {
         let b = r.optional(conv_bias, "conv_bias", &[c])?;
         let gamma = r.shaped(bn_weight, "bn_weight", &[c])?;
         let beta = r.shaped(bn_bias, "bn_bias", &[c])?;
-        Ok(Args { w, b, gamma, beta })
+        Ok(CallParams { w, b, gamma, beta })
     }
 }
 
-impl<'py, T: Element + Float> Args<Input<'py, T>> {
+impl<'py, T: Element + Float> CallParams<Input<'py, T>> {
     fn params(&self) -> Params<'_, T> {
         Params {
             conv_weight: self.w.slice(),
@@ -73,15 +94,13 @@ fn read_saved<'py, R: Reader<'py>>(
     r: &R,
     ab: &Ab,
     n: usize,
-    pooled: &Bound<'py, PyAny>,
-    mean: &Bound<'py, PyAny>,
-    invstd: &Bound<'py, PyAny>,
+    a: &BackwardArgs<'_, 'py>,
 ) -> PyResult<(R::Arr, R::Arr, R::Arr)> {
     let c = ab.channels;
     Ok((
-        r.shaped(pooled, "pooled", &[n, c])?,
-        r.shaped(mean, "mean", &[c])?,
-        r.shaped(invstd, "invstd", &[c])?,
+        r.shaped(a.pooled, "pooled", &[n, c])?,
+        r.shaped(a.mean, "mean", &[c])?,
+        r.shaped(a.invstd, "invstd", &[c])?,
     ))
 }
 
@@ -106,27 +125,20 @@ impl Ab {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn forward_t<'py, T: Element + Float>(
     x: &Bound<'py, PyAny>,
     ab: &Ab,
-    conv_weight: &Bound<'py, PyAny>,
-    conv_bias: Option<&Bound<'py, PyAny>>,
-    bn_weight: &Bound<'py, PyAny>,
-    bn_bias: &Bound<'py, PyAny>,
-    running_mean: &Bound<'py, PyAny>,
-    running_var: &Bound<'py, PyAny>,
-    training: bool,
+    a: &ForwardArgs<'_, 'py>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let py = x.py();
     let xa = input::<T>(x, "x")?;
     let shape = xa.shape().to_vec();
     let (n, hw) = ab.map_dims("x", &shape)?;
     let r = Host::<T>::new();
-    let call = Args::read(&r, ab, conv_weight, conv_bias, bn_weight, bn_bias)?;
-    let rm = r.shaped(running_mean, "running_mean", &[ab.channels])?;
-    let rv = r.shaped(running_var, "running_var", &[ab.channels])?;
-    let cfg = ab.config(training);
+    let call = CallParams::read(&r, ab, a.params)?;
+    let rm = r.shaped(a.running_mean, "running_mean", &[ab.channels])?;
+    let rv = r.shaped(a.running_var, "running_var", &[ab.channels])?;
+    let cfg = ab.config(a.training);
     let (xs, p, running) = (xa.slice(), call.params(), Running { mean: rm.slice(), var: rv.slice() });
     let f = compute(py, || backend!(ab::forward, candle_ab::forward_host, (&cfg, xs, n, hw, &p, running)))?
         .map_err(to_py_err)?;
@@ -144,31 +156,22 @@ fn forward_t<'py, T: Element + Float>(
     )
 }
 
-#[allow(clippy::too_many_arguments)]
 fn backward_t<'py, T: Element + Float>(
     grad_out: &Bound<'py, PyAny>,
     ab: &Ab,
-    x: &Bound<'py, PyAny>,
-    pooled: &Bound<'py, PyAny>,
-    mean: &Bound<'py, PyAny>,
-    invstd: &Bound<'py, PyAny>,
-    conv_weight: &Bound<'py, PyAny>,
-    conv_bias: Option<&Bound<'py, PyAny>>,
-    bn_weight: &Bound<'py, PyAny>,
-    bn_bias: &Bound<'py, PyAny>,
-    training: bool,
+    a: &BackwardArgs<'_, 'py>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let py = grad_out.py();
     let go = input::<T>(grad_out, "grad_out")?;
-    let xa = input::<T>(x, "x")?;
+    let xa = input::<T>(a.x, "x")?;
     let shape = xa.shape().to_vec();
     let (n, hw) = ab.map_dims("x", &shape)?;
     expect_shape("grad_out", go.shape(), &shape)?;
     let c = ab.channels;
     let r = Host::<T>::new();
-    let (y, mu, is) = read_saved(&r, ab, n, pooled, mean, invstd)?;
-    let call = Args::read(&r, ab, conv_weight, conv_bias, bn_weight, bn_bias)?;
-    let cfg = ab.config(training);
+    let (y, mu, is) = read_saved(&r, ab, n, a)?;
+    let call = CallParams::read(&r, ab, a.params)?;
+    let cfg = ab.config(a.training);
     let (gos, xs, ys, mus, iss, p) =
         (go.slice(), xa.slice(), y.slice(), mu.slice(), is.slice(), call.params());
     let g = compute(py, || {
@@ -245,12 +248,9 @@ impl Ab {
         running_var: &Bound<'py, PyAny>,
         training: bool,
     ) -> PyResult<Bound<'py, PyTuple>> {
-        dispatch!(
-            x,
-            "x",
-            forward_t(self, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training)
-                | forward_cuda
-        )
+        let params = ParamArgs { conv_weight, conv_bias, bn_weight, bn_bias };
+        let args = ForwardArgs { params, running_mean, running_var, training };
+        dispatch!(x, "x", forward_t(self, &args) | forward_cuda)
     }
 
     /// Backward. Returns `(grad_x, grad_conv_weight [C, C/groups, 1, 1],
@@ -270,28 +270,18 @@ impl Ab {
         bn_bias: &Bound<'py, PyAny>,
         training: bool,
     ) -> PyResult<Bound<'py, PyTuple>> {
-        dispatch!(
-            grad_out,
-            "grad_out",
-            backward_t(self, x, pooled, mean, invstd, conv_weight, conv_bias, bn_weight, bn_bias, training)
-                | backward_cuda
-        )
+        let params = ParamArgs { conv_weight, conv_bias, bn_weight, bn_bias };
+        let args = BackwardArgs { x, pooled, mean, invstd, params, training };
+        dispatch!(grad_out, "grad_out", backward_t(self, &args) | backward_cuda)
     }
 }
 
 /// [`forward_t`] for CUDA tensors: the candle implementation on the GPU.
 #[cfg(feature = "cuda")]
-#[allow(clippy::too_many_arguments)]
 fn forward_cuda<'py>(
     x: &Bound<'py, PyAny>,
     ab: &Ab,
-    conv_weight: &Bound<'py, PyAny>,
-    conv_bias: Option<&Bound<'py, PyAny>>,
-    bn_weight: &Bound<'py, PyAny>,
-    bn_bias: &Bound<'py, PyAny>,
-    running_mean: &Bound<'py, PyAny>,
-    running_var: &Bound<'py, PyAny>,
-    training: bool,
+    a: &ForwardArgs<'_, 'py>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     use super::dlpack::{self, run};
     let py = x.py();
@@ -301,16 +291,16 @@ fn forward_cuda<'py>(
     dlpack::expect_samples("x", &shape)?;
     let (n, hw) = ab.map_dims("x", &shape)?;
     let c = ab.channels;
-    if training && n < 2 {
+    if a.training && n < 2 {
         return Err(PyValueError::new_err(format!(
             "x: expected more than 1 sample in training (batch statistics need two), got a batch of {n}"
         )));
     }
     let r = dlpack::Cuda { like: Some(like) };
-    let p = cuda_params(&r, ab, conv_weight, conv_bias, bn_weight, bn_bias)?;
-    let rm = r.shaped(running_mean, "running_mean", &[c])?;
-    let rv = r.shaped(running_var, "running_var", &[c])?;
-    let cfg = ab.config(training);
+    let p = cuda_params(&r, ab, a.params)?;
+    let rm = r.shaped(a.running_mean, "running_mean", &[c])?;
+    let rv = r.shaped(a.running_var, "running_var", &[c])?;
+    let cfg = ab.config(a.training);
     let dev = xa.device().clone();
     let f = run(py, &dev, || candle_ab::forward(&cfg, &xa.reshape((n, c, hw))?, &p.params, (&rm, &rv)))?;
     let id = xa.device_id;
@@ -332,34 +322,25 @@ fn forward_cuda<'py>(
 
 /// [`backward_t`] for CUDA tensors.
 #[cfg(feature = "cuda")]
-#[allow(clippy::too_many_arguments)]
 fn backward_cuda<'py>(
     grad_out: &Bound<'py, PyAny>,
     ab: &Ab,
-    x: &Bound<'py, PyAny>,
-    pooled: &Bound<'py, PyAny>,
-    mean: &Bound<'py, PyAny>,
-    invstd: &Bound<'py, PyAny>,
-    conv_weight: &Bound<'py, PyAny>,
-    conv_bias: Option<&Bound<'py, PyAny>>,
-    bn_weight: &Bound<'py, PyAny>,
-    bn_bias: &Bound<'py, PyAny>,
-    training: bool,
+    a: &BackwardArgs<'_, 'py>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     use super::dlpack::{self, run};
     let py = grad_out.py();
     let go = dlpack::input(grad_out, "grad_out", None)?;
     let like = (go.dtype(), go.device_id);
-    let xa = dlpack::input(x, "x", Some(like))?;
+    let xa = dlpack::input(a.x, "x", Some(like))?;
     let shape = xa.dims().to_vec();
     dlpack::expect_samples("x", &shape)?;
     let (n, hw) = ab.map_dims("x", &shape)?;
     dlpack::expect_shape("grad_out", &go, &shape)?;
     let c = ab.channels;
     let r = dlpack::Cuda { like: Some(like) };
-    let (y, mu, is) = read_saved(&r, ab, n, pooled, mean, invstd)?;
-    let p = cuda_params(&r, ab, conv_weight, conv_bias, bn_weight, bn_bias)?;
-    let cfg = ab.config(training);
+    let (y, mu, is) = read_saved(&r, ab, n, a)?;
+    let p = cuda_params(&r, ab, a.params)?;
+    let cfg = ab.config(a.training);
     let dev = xa.device().clone();
     let dims = (n, c, hw);
     let g = run(py, &dev, || {
@@ -391,15 +372,8 @@ struct CudaParams {
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_params(
-    r: &super::dlpack::Cuda,
-    ab: &Ab,
-    conv_weight: &Bound<'_, PyAny>,
-    conv_bias: Option<&Bound<'_, PyAny>>,
-    bn_weight: &Bound<'_, PyAny>,
-    bn_bias: &Bound<'_, PyAny>,
-) -> PyResult<CudaParams> {
-    let Args { w, b, gamma, beta } = Args::read(r, ab, conv_weight, conv_bias, bn_weight, bn_bias)?;
+fn cuda_params(r: &super::dlpack::Cuda, ab: &Ab, args: ParamArgs<'_, '_>) -> PyResult<CudaParams> {
+    let CallParams { w, b, gamma, beta } = CallParams::read(r, ab, args)?;
     let (c, cg) = (ab.channels, ab.channels / ab.groups);
     let err = |e: candle_core::Error| PyValueError::new_err(e.to_string());
     let params = candle_ab::Params {

@@ -59,6 +59,24 @@ fn read_maps<'py, R: Reader<'py>>(
     Ok((maps, shape))
 }
 
+/// The scorer of one call, as Python passed it.
+#[derive(Clone, Copy)]
+struct ScorerArgs<'a, 'py> {
+    fc1_weight: &'a Bound<'py, PyAny>,
+    fc1_bias: Option<&'a Bound<'py, PyAny>>,
+    fc2_weight: &'a Bound<'py, PyAny>,
+    fc2_bias: Option<&'a Bound<'py, PyAny>>,
+}
+
+/// The arguments of `AFI.backward` after `grad_out`.
+struct BackwardArgs<'a, 'py> {
+    xs: &'a Bound<'py, PyAny>,
+    z: &'a Bound<'py, PyAny>,
+    hidden: &'a Bound<'py, PyAny>,
+    weights: &'a Bound<'py, PyAny>,
+    scorer: ScorerArgs<'a, 'py>,
+}
+
 /// The scorer of one call, read and checked.
 struct Scorer<A> {
     w1: A,
@@ -68,14 +86,8 @@ struct Scorer<A> {
 }
 
 impl<A> Scorer<A> {
-    fn read<'py, R: Reader<'py, Arr = A>>(
-        r: &R,
-        afi: &Afi,
-        fc1_weight: &Bound<'py, PyAny>,
-        fc1_bias: Option<&Bound<'py, PyAny>>,
-        fc2_weight: &Bound<'py, PyAny>,
-        fc2_bias: Option<&Bound<'py, PyAny>>,
-    ) -> PyResult<Self> {
+    fn read<'py, R: Reader<'py, Arr = A>>(r: &R, afi: &Afi, args: ScorerArgs<'_, 'py>) -> PyResult<Self> {
+        let ScorerArgs { fc1_weight, fc1_bias, fc2_weight, fc2_bias } = args;
         let (c, h) = (afi.channels, afi.hidden);
         Ok(Scorer {
             w1: r.shaped(fc1_weight, "fc1_weight", &[h, c])?,
@@ -99,21 +111,18 @@ impl<'py, T: Element + Float> Scorer<Input<'py, T>> {
 
 /// What the backward reads back from the forward for `m` maps of `n` samples,
 /// checked: `(z, hidden, weights)`.
-#[allow(clippy::too_many_arguments)]
 fn read_saved<'py, R: Reader<'py>>(
     r: &R,
     afi: &Afi,
     m: usize,
     n: usize,
-    z: &Bound<'py, PyAny>,
-    hidden: &Bound<'py, PyAny>,
-    weights: &Bound<'py, PyAny>,
+    a: &BackwardArgs<'_, 'py>,
 ) -> PyResult<(R::Arr, R::Arr, R::Arr)> {
     let c = afi.channels;
     Ok((
-        r.shaped(z, "z", &[m, n, c])?,
-        r.shaped(hidden, "hidden", &[m, n, afi.hidden])?,
-        r.shaped(weights, "weights", &[m, n, c])?,
+        r.shaped(a.z, "z", &[m, n, c])?,
+        r.shaped(a.hidden, "hidden", &[m, n, afi.hidden])?,
+        r.shaped(a.weights, "weights", &[m, n, c])?,
     ))
 }
 
@@ -121,15 +130,12 @@ fn forward_t<'py, T: Element + Float>(
     first: &Bound<'py, PyAny>,
     afi: &Afi,
     xs: &Bound<'py, PyAny>,
-    fc1_weight: &Bound<'py, PyAny>,
-    fc1_bias: Option<&Bound<'py, PyAny>>,
-    fc2_weight: &Bound<'py, PyAny>,
-    fc2_bias: Option<&Bound<'py, PyAny>>,
+    scorer: ScorerArgs<'_, 'py>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let py = first.py();
     let mut r = Host::<T>::new();
     let (maps, shape) = read_maps(&mut r, xs, afi.channels)?;
-    let scorer = Scorer::read(&r, afi, fc1_weight, fc1_bias, fc2_weight, fc2_bias)?;
+    let scorer = Scorer::read(&r, afi, scorer)?;
     let (n, c, hw) = (shape[0], shape[1], shape[2] * shape[3]);
     let slices: Vec<&[T]> = maps.iter().map(|x| x.slice()).collect();
     let p = scorer.params();
@@ -147,26 +153,18 @@ fn forward_t<'py, T: Element + Float>(
     )
 }
 
-#[allow(clippy::too_many_arguments)]
 fn backward_t<'py, T: Element + Float>(
     grad_out: &Bound<'py, PyAny>,
     afi: &Afi,
-    xs: &Bound<'py, PyAny>,
-    z: &Bound<'py, PyAny>,
-    hidden: &Bound<'py, PyAny>,
-    weights: &Bound<'py, PyAny>,
-    fc1_weight: &Bound<'py, PyAny>,
-    fc1_bias: Option<&Bound<'py, PyAny>>,
-    fc2_weight: &Bound<'py, PyAny>,
-    fc2_bias: Option<&Bound<'py, PyAny>>,
+    a: &BackwardArgs<'_, 'py>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let py = grad_out.py();
     let mut r = Host::<T>::new();
-    let (maps, shape) = read_maps(&mut r, xs, afi.channels)?;
+    let (maps, shape) = read_maps(&mut r, a.xs, afi.channels)?;
     let go = r.shaped(grad_out, "grad_out", &shape)?;
     let (m, n, c, hw) = (maps.len(), shape[0], shape[1], shape[2] * shape[3]);
-    let (zs, hs, ws) = read_saved(&r, afi, m, n, z, hidden, weights)?;
-    let scorer = Scorer::read(&r, afi, fc1_weight, fc1_bias, fc2_weight, fc2_bias)?;
+    let (zs, hs, ws) = read_saved(&r, afi, m, n, a)?;
+    let scorer = Scorer::read(&r, afi, a.scorer)?;
     let slices: Vec<&[T]> = maps.iter().map(|x| x.slice()).collect();
     let (gos, p) = (go.slice(), scorer.params());
     let saved = Saved { z: zs.slice(), hidden: hs.slice(), weights: ws.slice() };
@@ -237,11 +235,8 @@ impl Afi {
         let first = any_items(xs, "xs")?.into_iter().next().ok_or_else(|| {
             PyValueError::new_err("xs: expected at least one feature map, got an empty list")
         })?;
-        dispatch!(
-            &first,
-            "xs[0]",
-            forward_t(self, xs, fc1_weight, fc1_bias, fc2_weight, fc2_bias) | forward_cuda
-        )
+        let scorer = ScorerArgs { fc1_weight, fc1_bias, fc2_weight, fc2_bias };
+        dispatch!(&first, "xs[0]", forward_t(self, xs, scorer) | forward_cuda)
     }
 
     /// Backward. Returns `(grad_xs, grad_fc1_weight, grad_fc1_bias, grad_fc2_weight,
@@ -261,12 +256,9 @@ impl Afi {
         fc2_weight: &Bound<'py, PyAny>,
         fc2_bias: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyTuple>> {
-        dispatch!(
-            grad_out,
-            "grad_out",
-            backward_t(self, xs, z, hidden, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
-                | backward_cuda
-        )
+        let scorer = ScorerArgs { fc1_weight, fc1_bias, fc2_weight, fc2_bias };
+        let args = BackwardArgs { xs, z, hidden, weights, scorer };
+        dispatch!(grad_out, "grad_out", backward_t(self, &args) | backward_cuda)
     }
 }
 
@@ -278,15 +270,8 @@ struct CudaScorer {
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_scorer(
-    r: &super::dlpack::Cuda,
-    afi: &Afi,
-    fc1_weight: &Bound<'_, PyAny>,
-    fc1_bias: Option<&Bound<'_, PyAny>>,
-    fc2_weight: &Bound<'_, PyAny>,
-    fc2_bias: Option<&Bound<'_, PyAny>>,
-) -> PyResult<CudaScorer> {
-    let Scorer { w1, b1, w2, b2 } = Scorer::read(r, afi, fc1_weight, fc1_bias, fc2_weight, fc2_bias)?;
+fn cuda_scorer(r: &super::dlpack::Cuda, afi: &Afi, args: ScorerArgs<'_, '_>) -> PyResult<CudaScorer> {
+    let Scorer { w1, b1, w2, b2 } = Scorer::read(r, afi, args)?;
     let p = candle_afi::Params {
         fc1_weight: (*w1).clone(),
         fc1_bias: b1.as_ref().map(|b| (**b).clone()),
@@ -302,10 +287,7 @@ fn forward_cuda<'py>(
     first: &Bound<'py, PyAny>,
     afi: &Afi,
     xs: &Bound<'py, PyAny>,
-    fc1_weight: &Bound<'py, PyAny>,
-    fc1_bias: Option<&Bound<'py, PyAny>>,
-    fc2_weight: &Bound<'py, PyAny>,
-    fc2_bias: Option<&Bound<'py, PyAny>>,
+    scorer: ScorerArgs<'_, 'py>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     use super::dlpack::{self, candle_err, run};
     let py = first.py();
@@ -313,7 +295,7 @@ fn forward_cuda<'py>(
     let (maps, shape) = read_maps(&mut r, xs, afi.channels)?;
     dlpack::expect_samples("xs[0]", &shape)?;
     let like = maps[0].like();
-    let scorer = cuda_scorer(&r, afi, fc1_weight, fc1_bias, fc2_weight, fc2_bias)?;
+    let scorer = cuda_scorer(&r, afi, scorer)?;
     let (m, n, c, hw) = (maps.len(), shape[0], shape[1], shape[2] * shape[3]);
     let views = maps
         .iter()
@@ -334,30 +316,22 @@ fn forward_cuda<'py>(
 }
 
 #[cfg(feature = "cuda")]
-#[allow(clippy::too_many_arguments)]
 fn backward_cuda<'py>(
     grad_out: &Bound<'py, PyAny>,
     afi: &Afi,
-    xs: &Bound<'py, PyAny>,
-    z: &Bound<'py, PyAny>,
-    hidden: &Bound<'py, PyAny>,
-    weights: &Bound<'py, PyAny>,
-    fc1_weight: &Bound<'py, PyAny>,
-    fc1_bias: Option<&Bound<'py, PyAny>>,
-    fc2_weight: &Bound<'py, PyAny>,
-    fc2_bias: Option<&Bound<'py, PyAny>>,
+    a: &BackwardArgs<'_, 'py>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     use super::dlpack::{self, candle_err, run};
     let py = grad_out.py();
     let go = dlpack::input(grad_out, "grad_out", None)?;
     let like = go.like();
     let mut r = dlpack::Cuda { like: Some(like) };
-    let (maps, shape) = read_maps(&mut r, xs, afi.channels)?;
+    let (maps, shape) = read_maps(&mut r, a.xs, afi.channels)?;
     dlpack::expect_samples("xs[0]", &shape)?;
     expect_shape("grad_out", go.dims(), &shape)?;
     let (m, n, c, hw) = (maps.len(), shape[0], shape[1], shape[2] * shape[3]);
-    let (zs, _, ws) = read_saved(&r, afi, m, n, z, hidden, weights)?;
-    let scorer = cuda_scorer(&r, afi, fc1_weight, fc1_bias, fc2_weight, fc2_bias)?;
+    let (zs, _, ws) = read_saved(&r, afi, m, n, a)?;
+    let scorer = cuda_scorer(&r, afi, a.scorer)?;
     let dims = (n, c, hw);
     let views =
         maps.iter().map(|x| x.reshape(dims)).collect::<candle_core::Result<Vec<_>>>().map_err(candle_err)?;

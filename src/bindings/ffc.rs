@@ -27,6 +27,23 @@ pub struct Ffc {
     cfg: Config,
 }
 
+/// The parameters of one call, as Python passed them.
+#[derive(Clone, Copy)]
+struct ParamArgs<'a, 'py> {
+    ln_weight: &'a Bound<'py, PyAny>,
+    ln_bias: &'a Bound<'py, PyAny>,
+    fc_weight: &'a Bound<'py, PyAny>,
+    fc_bias: &'a Bound<'py, PyAny>,
+}
+
+/// The arguments of `FFC.backward` after `grad_out`.
+struct BackwardArgs<'a, 'py> {
+    pooled: &'a Bound<'py, PyAny>,
+    params: ParamArgs<'a, 'py>,
+    hw: usize,
+    outputs: Outputs,
+}
+
 /// The fixed arguments of one call, read and checked (NumPy arrays or CUDA tensors,
 /// after the [`Reader`]).
 struct Call<A> {
@@ -42,11 +59,9 @@ impl<A> Call<A> {
         r: &R,
         cfg: &Config,
         c: usize,
-        ln_weight: &Bound<'py, PyAny>,
-        ln_bias: &Bound<'py, PyAny>,
-        fc_weight: &Bound<'py, PyAny>,
-        fc_bias: &Bound<'py, PyAny>,
+        args: ParamArgs<'_, 'py>,
     ) -> PyResult<Self> {
+        let ParamArgs { ln_weight, ln_bias, fc_weight, fc_bias } = args;
         let lw = r.shaped(ln_weight, "ln_weight", &[cfg.num_filters, c])?;
         let lb = r.shaped(ln_bias, "ln_bias", &[cfg.num_filters, c])?;
         let fw = r.read(fc_weight, "fc_weight")?;
@@ -76,21 +91,17 @@ fn out_shape(cfg: &Config, outputs: Outputs, n: usize, k: usize) -> Vec<usize> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn forward_t<'py, T: Element + Float>(
     x: &Bound<'py, PyAny>,
     cfg: &Config,
-    ln_weight: &Bound<'py, PyAny>,
-    ln_bias: &Bound<'py, PyAny>,
-    fc_weight: &Bound<'py, PyAny>,
-    fc_bias: &Bound<'py, PyAny>,
+    params: ParamArgs<'_, 'py>,
     outputs: Outputs,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let py = x.py();
     let xa = input::<T>(x, "x")?;
     let (n, c, hw) = input_dims(xa.shape())?;
     let map = xa.shape().len() == 4;
-    let call = Call::read(&Host::<T>::new(), cfg, c, ln_weight, ln_bias, fc_weight, fc_bias)?;
+    let call = Call::read(&Host::<T>::new(), cfg, c, params)?;
     let (xs, p) = (xa.slice(), call.params());
     let d = Dims { n, c, hw: 1, k: call.k };
     let (out, pooled) = compute(py, || {
@@ -109,29 +120,20 @@ fn forward_t<'py, T: Element + Float>(
     tuple(py, vec![output(py, out, &out_shape)?, pooled])
 }
 
-#[allow(clippy::too_many_arguments)]
 fn backward_t<'py, T: Element + Float>(
     grad_out: &Bound<'py, PyAny>,
     cfg: &Config,
-    pooled: &Bound<'py, PyAny>,
-    ln_weight: &Bound<'py, PyAny>,
-    ln_bias: &Bound<'py, PyAny>,
-    fc_weight: &Bound<'py, PyAny>,
-    fc_bias: &Bound<'py, PyAny>,
-    hw: usize,
-    outputs: Outputs,
+    a: &BackwardArgs<'_, 'py>,
 ) -> PyResult<Bound<'py, PyTuple>> {
+    let (hw, outputs) = (a.hw, a.outputs);
     let py = grad_out.py();
     let nf = cfg.num_filters;
-    let f0 = input::<T>(pooled, "pooled")?;
+    let f0 = input::<T>(a.pooled, "pooled")?;
     let fshape = expect_rank("pooled", f0.shape(), 2, "[N, C]")?;
     let (n, c) = (fshape[0], fshape[1]);
-    let call = Call::read(&Host::<T>::new(), cfg, c, ln_weight, ln_bias, fc_weight, fc_bias)?;
+    let call = Call::read(&Host::<T>::new(), cfg, c, a.params)?;
     let go = input::<T>(grad_out, "grad_out")?;
     expect_shape("grad_out", go.shape(), &out_shape(cfg, outputs, n, call.k))?;
-    if hw == 0 {
-        return Err(PyValueError::new_err("hw: expected H*W >= 1, got 0"));
-    }
     let d = Dims { n, c, hw, k: call.k };
     let (gos, f0s, p) = (go.slice(), f0.slice(), call.params());
     let g =
@@ -152,15 +154,12 @@ fn backward_t<'py, T: Element + Float>(
 fn vote_t<'py, T: Element + Float>(
     x: &Bound<'py, PyAny>,
     cfg: &Config,
-    ln_weight: &Bound<'py, PyAny>,
-    ln_bias: &Bound<'py, PyAny>,
-    fc_weight: &Bound<'py, PyAny>,
-    fc_bias: &Bound<'py, PyAny>,
+    params: ParamArgs<'_, 'py>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let py = x.py();
     let xa = input::<T>(x, "x")?;
     let (n, c, hw) = input_dims(xa.shape())?;
-    let call = Call::read(&Host::<T>::new(), cfg, c, ln_weight, ln_bias, fc_weight, fc_bias)?;
+    let call = Call::read(&Host::<T>::new(), cfg, c, params)?;
     let d = Dims { n, c, hw, k: call.k };
     let (xs, p) = (xa.slice(), call.params());
     let scores =
@@ -232,11 +231,8 @@ impl Ffc {
         outputs: &str,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let outputs = Outputs::parse(outputs).map_err(to_py_err)?;
-        dispatch!(
-            x,
-            "x",
-            forward_t(&self.cfg, ln_weight, ln_bias, fc_weight, fc_bias, outputs) | forward_cuda
-        )
+        let params = ParamArgs { ln_weight, ln_bias, fc_weight, fc_bias };
+        dispatch!(x, "x", forward_t(&self.cfg, params, outputs) | forward_cuda)
     }
 
     /// Backward, from the pooled `[N, C]` input features (x itself for a 2-d x; the
@@ -257,13 +253,17 @@ impl Ffc {
         hw: usize,
         outputs: &str,
     ) -> PyResult<Bound<'py, PyTuple>> {
+        if hw == 0 {
+            return Err(PyValueError::new_err("hw: expected H*W >= 1, got 0"));
+        }
         let outputs = Outputs::parse(outputs).map_err(to_py_err)?;
-        dispatch!(
-            grad_out,
-            "grad_out",
-            backward_t(&self.cfg, pooled, ln_weight, ln_bias, fc_weight, fc_bias, hw, outputs)
-                | backward_cuda
-        )
+        let args = BackwardArgs {
+            pooled,
+            params: ParamArgs { ln_weight, ln_bias, fc_weight, fc_bias },
+            hw,
+            outputs,
+        };
+        dispatch!(grad_out, "grad_out", backward_t(&self.cfg, &args) | backward_cuda)
     }
 
     /// Eval-mode voting: a `[N, K]` score whose row-wise argmax is the voted class:
@@ -278,7 +278,8 @@ impl Ffc {
         fc_weight: &Bound<'py, PyAny>,
         fc_bias: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        dispatch!(x, "x", vote_t(&self.cfg, ln_weight, ln_bias, fc_weight, fc_bias) | vote_cuda)
+        let params = ParamArgs { ln_weight, ln_bias, fc_weight, fc_bias };
+        dispatch!(x, "x", vote_t(&self.cfg, params) | vote_cuda)
     }
 }
 
@@ -296,13 +297,10 @@ impl CudaCall {
         cfg: &Config,
         c: usize,
         like: (candle_core::DType, usize),
-        ln_weight: &Bound<'_, PyAny>,
-        ln_bias: &Bound<'_, PyAny>,
-        fc_weight: &Bound<'_, PyAny>,
-        fc_bias: &Bound<'_, PyAny>,
+        params: ParamArgs<'_, '_>,
     ) -> PyResult<Self> {
         let r = super::dlpack::Cuda { like: Some(like) };
-        let Call { lw, lb, fw, fb, k } = Call::read(&r, cfg, c, ln_weight, ln_bias, fc_weight, fc_bias)?;
+        let Call { lw, lb, fw, fb, k } = Call::read(&r, cfg, c, params)?;
         let p = candle_ffc::Params {
             ln_weight: (*lw).clone(),
             ln_bias: (*lb).clone(),
@@ -322,14 +320,10 @@ fn cuda_features(x: &super::dlpack::CudaIn) -> PyResult<(candle_core::Tensor, us
 }
 
 #[cfg(feature = "cuda")]
-#[allow(clippy::too_many_arguments)]
 fn forward_cuda<'py>(
     x: &Bound<'py, PyAny>,
     cfg: &Config,
-    ln_weight: &Bound<'py, PyAny>,
-    ln_bias: &Bound<'py, PyAny>,
-    fc_weight: &Bound<'py, PyAny>,
-    fc_bias: &Bound<'py, PyAny>,
+    params: ParamArgs<'_, 'py>,
     outputs: Outputs,
 ) -> PyResult<Bound<'py, PyTuple>> {
     use super::dlpack::{self, run};
@@ -337,7 +331,7 @@ fn forward_cuda<'py>(
     let xa = dlpack::input(x, "x", None)?;
     let map = xa.dims().len() == 4;
     let (x3, n, c, _) = cuda_features(&xa)?;
-    let call = CudaCall::read(cfg, c, xa.like(), ln_weight, ln_bias, fc_weight, fc_bias)?;
+    let call = CudaCall::read(cfg, c, xa.like(), params)?;
     let (out, pooled) = run(py, xa.device(), || {
         let pooled = candle::gap(&x3)?;
         Ok((candle_ffc::forward(cfg, &pooled, &call.p, outputs)?, pooled))
@@ -353,30 +347,21 @@ fn forward_cuda<'py>(
 }
 
 #[cfg(feature = "cuda")]
-#[allow(clippy::too_many_arguments)]
 fn backward_cuda<'py>(
     grad_out: &Bound<'py, PyAny>,
     cfg: &Config,
-    pooled: &Bound<'py, PyAny>,
-    ln_weight: &Bound<'py, PyAny>,
-    ln_bias: &Bound<'py, PyAny>,
-    fc_weight: &Bound<'py, PyAny>,
-    fc_bias: &Bound<'py, PyAny>,
-    hw: usize,
-    outputs: Outputs,
+    a: &BackwardArgs<'_, 'py>,
 ) -> PyResult<Bound<'py, PyTuple>> {
+    let (hw, outputs) = (a.hw, a.outputs);
     use super::dlpack::{self, run};
     let py = grad_out.py();
     let go = dlpack::input(grad_out, "grad_out", None)?;
-    let f0 = dlpack::input(pooled, "pooled", Some(go.like()))?;
+    let f0 = dlpack::input(a.pooled, "pooled", Some(go.like()))?;
     let fshape = expect_rank("pooled", f0.dims(), 2, "[N, C]")?;
     let (n, c) = (fshape[0], fshape[1]);
     dlpack::expect_samples("pooled", fshape)?;
-    let call = CudaCall::read(cfg, c, go.like(), ln_weight, ln_bias, fc_weight, fc_bias)?;
+    let call = CudaCall::read(cfg, c, go.like(), a.params)?;
     expect_shape("grad_out", go.dims(), &out_shape(cfg, outputs, n, call.k))?;
-    if hw == 0 {
-        return Err(PyValueError::new_err("hw: expected H*W >= 1, got 0"));
-    }
     let g = run(py, go.device(), || {
         let g = candle_ffc::backward(cfg, &go, &call.p, &f0, outputs)?;
         Ok(candle_ffc::Grads { x: g.x.affine(1.0 / hw as f64, 0.0)?, ..g })
@@ -398,16 +383,13 @@ fn backward_cuda<'py>(
 fn vote_cuda<'py>(
     x: &Bound<'py, PyAny>,
     cfg: &Config,
-    ln_weight: &Bound<'py, PyAny>,
-    ln_bias: &Bound<'py, PyAny>,
-    fc_weight: &Bound<'py, PyAny>,
-    fc_bias: &Bound<'py, PyAny>,
+    params: ParamArgs<'_, 'py>,
 ) -> PyResult<Bound<'py, PyAny>> {
     use super::dlpack::{self, run};
     let py = x.py();
     let xa = dlpack::input(x, "x", None)?;
     let (x3, n, c, _) = cuda_features(&xa)?;
-    let call = CudaCall::read(cfg, c, xa.like(), ln_weight, ln_bias, fc_weight, fc_bias)?;
+    let call = CudaCall::read(cfg, c, xa.like(), params)?;
     let scores = run(py, xa.device(), || candle_ffc::vote(cfg, &candle::gap(&x3)?, &call.p))?;
     dlpack::output(py, scores, &[n, call.k], xa.device_id)
 }

@@ -91,20 +91,43 @@ fn read_list<'py, R: Reader<'py>>(
     Ok(out)
 }
 
+/// The parameter lists of one call, as Python passed them.
+#[derive(Clone, Copy)]
+struct Lists<'a, 'py> {
+    fc_weights: &'a Bound<'py, PyAny>,
+    fc_biases: &'a Bound<'py, PyAny>,
+    bn_weights: &'a Bound<'py, PyAny>,
+    bn_biases: &'a Bound<'py, PyAny>,
+    /// `(running_means, running_vars)` for the forward, `None` for the backward.
+    running: Option<(&'a Bound<'py, PyAny>, &'a Bound<'py, PyAny>)>,
+}
+
+/// The arguments of `SSM.forward` after `x`.
+struct ForwardArgs<'a, 'py> {
+    lists: Lists<'a, 'py>,
+    training: bool,
+    outputs: Outputs,
+}
+
+/// The arguments of `SSM.backward` after `grad_out`.
+struct BackwardArgs<'a, 'py> {
+    pooled: &'a Bound<'py, PyAny>,
+    mean: &'a Bound<'py, PyAny>,
+    invstd: &'a Bound<'py, PyAny>,
+    lists: Lists<'a, 'py>,
+    hw: usize,
+    training: bool,
+    outputs: Outputs,
+}
+
 impl<A> Params<A> {
-    /// `running` is `(running_means, running_vars)` for the forward, `None` for the
-    /// backward.
-    #[allow(clippy::too_many_arguments)]
     fn read<'py, R: Reader<'py, Arr = A>>(
         r: &R,
         m: &Ssm,
         split: usize,
-        fc_weights: &Bound<'py, PyAny>,
-        fc_biases: &Bound<'py, PyAny>,
-        bn_weights: &Bound<'py, PyAny>,
-        bn_biases: &Bound<'py, PyAny>,
-        running: Option<(&Bound<'py, PyAny>, &Bound<'py, PyAny>)>,
+        lists: Lists<'_, 'py>,
     ) -> PyResult<Self> {
+        let Lists { fc_weights, fc_biases, bn_weights, bn_biases, running } = lists;
         let (g, hn) = (m.num_heads, m.normalised());
         let width = |h: usize| vec![(h + 1) * split];
         let heads = format!("one per head: num_heads = {g}");
@@ -152,35 +175,18 @@ impl<'py, T: Element + Float> Params<Input<'py, T>> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn forward_t<'py, T: Element + Float>(
     x: &Bound<'py, PyAny>,
     m: &Ssm,
-    fc_weights: &Bound<'py, PyAny>,
-    fc_biases: &Bound<'py, PyAny>,
-    bn_weights: &Bound<'py, PyAny>,
-    bn_biases: &Bound<'py, PyAny>,
-    running_means: &Bound<'py, PyAny>,
-    running_vars: &Bound<'py, PyAny>,
-    training: bool,
-    outputs: Outputs,
+    a: &ForwardArgs<'_, 'py>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let py = x.py();
     let xa = input::<T>(x, "x")?;
     let (n, c, hw) = input_dims(xa.shape())?;
     let split = split_of("x", xa.shape(), c, m.num_heads)?;
     let map = xa.shape().len() == 4;
-    let p = Params::read(
-        &Host::<T>::new(),
-        m,
-        split,
-        fc_weights,
-        fc_biases,
-        bn_weights,
-        bn_biases,
-        Some((running_means, running_vars)),
-    )?;
-    let cfg = m.config(p.k, training, outputs);
+    let p = Params::read(&Host::<T>::new(), m, split, a.lists)?;
+    let cfg = m.config(p.k, a.training, a.outputs);
     let (xs, heads) = (xa.slice(), p.heads());
     let (f, pooled) = compute(py, || {
         // A 4-d input is pooled here, once: the backward reads the pooled features
@@ -207,40 +213,28 @@ fn forward_t<'py, T: Element + Float>(
     )
 }
 
-#[allow(clippy::too_many_arguments)]
 fn backward_t<'py, T: Element + Float>(
     grad_out: &Bound<'py, PyAny>,
     m: &Ssm,
-    pooled: &Bound<'py, PyAny>,
-    mean: &Bound<'py, PyAny>,
-    invstd: &Bound<'py, PyAny>,
-    fc_weights: &Bound<'py, PyAny>,
-    fc_biases: &Bound<'py, PyAny>,
-    bn_weights: &Bound<'py, PyAny>,
-    bn_biases: &Bound<'py, PyAny>,
-    hw: usize,
-    training: bool,
-    outputs: Outputs,
+    a: &BackwardArgs<'_, 'py>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let py = grad_out.py();
-    let feats = input::<T>(pooled, "pooled")?;
+    let feats = input::<T>(a.pooled, "pooled")?;
     let shape = expect_rank("pooled", feats.shape(), 2, "[N, C]")?;
     let (n, c) = (shape[0], shape[1]);
     let split = split_of("pooled", shape, c, m.num_heads)?;
-    let p = Params::read(&Host::<T>::new(), m, split, fc_weights, fc_biases, bn_weights, bn_biases, None)?;
-    let cfg = m.config(p.k, training, outputs);
+    let p = Params::read(&Host::<T>::new(), m, split, a.lists)?;
+    let cfg = m.config(p.k, a.training, a.outputs);
     let len = ssm::stats_len(&cfg, c);
-    let mu = input::<T>(mean, "mean")?;
+    let mu = input::<T>(a.mean, "mean")?;
     expect_shape("mean", mu.shape(), &[len])?;
-    let rs = input::<T>(invstd, "invstd")?;
+    let rs = input::<T>(a.invstd, "invstd")?;
     expect_shape("invstd", rs.shape(), &[len])?;
     let go = input::<T>(grad_out, "grad_out")?;
     expect_shape("grad_out", go.shape(), &cfg.out_shape(n))?;
-    if hw == 0 {
-        return Err(PyValueError::new_err("hw: expected H*W >= 1, got 0"));
-    }
     let (gos, xs, heads) = (go.slice(), feats.slice(), p.heads());
     let saved = Saved { mean: mu.slice(), invstd: rs.slice() };
+    let hw = a.hw;
     let mut g = compute(py, || {
         backend!(ssm::backward, candle_ssm::backward_host, (&cfg, gos, xs, n, c, &heads, &saved)).map(
             |mut g| {
@@ -339,22 +333,18 @@ impl Ssm {
         training: bool,
         outputs: &str,
     ) -> PyResult<Bound<'py, PyTuple>> {
-        let outputs = Outputs::parse(outputs).map_err(to_py_err)?;
-        dispatch!(
-            x,
-            "x",
-            forward_t(
-                self,
+        let args = ForwardArgs {
+            lists: Lists {
                 fc_weights,
                 fc_biases,
                 bn_weights,
                 bn_biases,
-                running_means,
-                running_vars,
-                training,
-                outputs
-            ) | forward_cuda
-        )
+                running: Some((running_means, running_vars)),
+            },
+            training,
+            outputs: Outputs::parse(outputs).map_err(to_py_err)?,
+        };
+        dispatch!(x, "x", forward_t(self, &args) | forward_cuda)
     }
 
     /// Backward, from the pooled `[N, C]` features (`x` itself for a 2-d `x`) and the
@@ -379,15 +369,19 @@ impl Ssm {
         training: bool,
         outputs: &str,
     ) -> PyResult<Bound<'py, PyTuple>> {
-        let outputs = Outputs::parse(outputs).map_err(to_py_err)?;
-        dispatch!(
-            grad_out,
-            "grad_out",
-            backward_t(
-                self, pooled, mean, invstd, fc_weights, fc_biases, bn_weights, bn_biases, hw, training,
-                outputs
-            ) | backward_cuda
-        )
+        if hw == 0 {
+            return Err(PyValueError::new_err("hw: expected H*W >= 1, got 0"));
+        }
+        let args = BackwardArgs {
+            pooled,
+            mean,
+            invstd,
+            lists: Lists { fc_weights, fc_biases, bn_weights, bn_biases, running: None },
+            hw,
+            training,
+            outputs: Outputs::parse(outputs).map_err(to_py_err)?,
+        };
+        dispatch!(grad_out, "grad_out", backward_t(self, &args) | backward_cuda)
     }
 }
 
@@ -401,16 +395,11 @@ struct CudaParams {
 
 #[cfg(feature = "cuda")]
 impl CudaParams {
-    #[allow(clippy::too_many_arguments)]
     fn read(
         m: &Ssm,
         split: usize,
         like: (candle_core::DType, usize),
-        fc_weights: &Bound<'_, PyAny>,
-        fc_biases: &Bound<'_, PyAny>,
-        bn_weights: &Bound<'_, PyAny>,
-        bn_biases: &Bound<'_, PyAny>,
-        running: Option<(&Bound<'_, PyAny>, &Bound<'_, PyAny>)>,
+        lists: Lists<'_, '_>,
     ) -> PyResult<Self> {
         let r = super::dlpack::Cuda { like: Some(like) };
         let (g, hn) = (m.num_heads, m.normalised());
@@ -422,7 +411,7 @@ impl CudaParams {
             running_means: rm,
             running_vars: rv,
             k,
-        } = Params::read(&r, m, split, fc_weights, fc_biases, bn_weights, bn_biases, running)?;
+        } = Params::read(&r, m, split, lists)?;
         let heads = (0..g)
             .map(|h| candle_ssm::Head {
                 fc_weight: (*fw[h]).clone(),
@@ -441,18 +430,10 @@ impl CudaParams {
 }
 
 #[cfg(feature = "cuda")]
-#[allow(clippy::too_many_arguments)]
 fn forward_cuda<'py>(
     x: &Bound<'py, PyAny>,
     m: &Ssm,
-    fc_weights: &Bound<'py, PyAny>,
-    fc_biases: &Bound<'py, PyAny>,
-    bn_weights: &Bound<'py, PyAny>,
-    bn_biases: &Bound<'py, PyAny>,
-    running_means: &Bound<'py, PyAny>,
-    running_vars: &Bound<'py, PyAny>,
-    training: bool,
-    outputs: Outputs,
+    a: &ForwardArgs<'_, 'py>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     use super::dlpack::{self, run};
     let py = x.py();
@@ -461,18 +442,9 @@ fn forward_cuda<'py>(
     let (n, c, hw) = input_dims(xa.dims())?;
     dlpack::expect_samples("x", xa.dims())?;
     let split = split_of("x", xa.dims(), c, m.num_heads)?;
-    let p = CudaParams::read(
-        m,
-        split,
-        xa.like(),
-        fc_weights,
-        fc_biases,
-        bn_weights,
-        bn_biases,
-        Some((running_means, running_vars)),
-    )?;
-    let cfg = m.config(p.k, training, outputs);
-    if training && m.normalised() > 0 && n < 2 {
+    let p = CudaParams::read(m, split, xa.like(), a.lists)?;
+    let cfg = m.config(p.k, a.training, a.outputs);
+    if a.training && m.normalised() > 0 && n < 2 {
         return Err(PyValueError::new_err(format!(
             "x: expected more than 1 value per channel when training (batch size >= 2), got batch size {n}"
         )));
@@ -496,39 +468,27 @@ fn forward_cuda<'py>(
 }
 
 #[cfg(feature = "cuda")]
-#[allow(clippy::too_many_arguments)]
 fn backward_cuda<'py>(
     grad_out: &Bound<'py, PyAny>,
     m: &Ssm,
-    pooled: &Bound<'py, PyAny>,
-    mean: &Bound<'py, PyAny>,
-    invstd: &Bound<'py, PyAny>,
-    fc_weights: &Bound<'py, PyAny>,
-    fc_biases: &Bound<'py, PyAny>,
-    bn_weights: &Bound<'py, PyAny>,
-    bn_biases: &Bound<'py, PyAny>,
-    hw: usize,
-    training: bool,
-    outputs: Outputs,
+    a: &BackwardArgs<'_, 'py>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     use super::dlpack::{self, run, shaped};
     let py = grad_out.py();
     let go = dlpack::input(grad_out, "grad_out", None)?;
     let like = go.like();
-    let feats = dlpack::input(pooled, "pooled", Some(like))?;
+    let feats = dlpack::input(a.pooled, "pooled", Some(like))?;
     let shape = expect_rank("pooled", feats.dims(), 2, "[N, C]")?.to_vec();
     let (n, c) = (shape[0], shape[1]);
     dlpack::expect_samples("pooled", &shape)?;
     let split = split_of("pooled", &shape, c, m.num_heads)?;
-    let p = CudaParams::read(m, split, like, fc_weights, fc_biases, bn_weights, bn_biases, None)?;
-    let cfg = m.config(p.k, training, outputs);
+    let p = CudaParams::read(m, split, like, a.lists)?;
+    let cfg = m.config(p.k, a.training, a.outputs);
     let len = ssm::stats_len(&cfg, c);
-    let mu = shaped(mean, "mean", like, &[len])?;
-    let rs = shaped(invstd, "invstd", like, &[len])?;
+    let mu = shaped(a.mean, "mean", like, &[len])?;
+    let rs = shaped(a.invstd, "invstd", like, &[len])?;
     expect_shape("grad_out", go.dims(), &cfg.out_shape(n))?;
-    if hw == 0 {
-        return Err(PyValueError::new_err("hw: expected H*W >= 1, got 0"));
-    }
+    let hw = a.hw;
     let g = run(py, go.device(), || {
         let g = candle_ssm::backward(&cfg, &go, &feats, &p.heads, &mu, &rs)?;
         Ok(candle_ssm::Grads { x: g.x.affine(1.0 / hw as f64, 0.0)?, ..g })
