@@ -3,7 +3,10 @@ process: each case times the three side by side, interleaved, and reports median
 and ratios (>1 means cnnboost is faster), plus the achieved GFLOP/s or GB/s against
 this machine's measured GEMM rate and copy bandwidth (the roofline). A memory-bound
 case's GB/s counts the least traffic its math allows (every input read once, every
-output written once), so 100% of copy is the floor no implementation can pass.
+output written once), so 100% of copy is the floor no implementation can pass. A
+GEMM-bound case (FFC, SSM) also times its matrix products alone, with torch on the
+same BLAS, interleaved with the rest: "products" is that time, "ceiling" what eager's
+time over it allows, the most any implementation running those products can gain.
 
     python benches/compare.py                 # every case
     python benches/compare.py --only ffc      # cases whose name starts with "ffc"
@@ -44,22 +47,46 @@ class Case:
     train: bool
     flops: float = 0.0  # the GEMM work of one call, for the GFLOP/s column
     bytes: float = 0.0  # the unavoidable memory traffic of one call, for GB/s
+    # builds a function running the call's matrix products alone (torch, same BLAS)
+    products: Optional[Callable[[], Callable[[], None]]] = None
     call: Callable = staticmethod(lambda m, xs: m(*xs))
+
+
+def linear_products(n: int, k: int, widths: Sequence[int], train: bool, repeat: int = 1):
+    """Builds a function running the products of classifiers ``[n, w] -> [n, k]`` (one
+    per width, each ``repeat`` times) in the layouts the kernels use: the forward
+    ``a @ W.t()``, and in training also ``dW = g.t() @ a`` and ``da = g @ W``."""
+    def build():
+        ops = [(torch.randn(n, w), torch.randn(k, w)) for w in widths]
+        g = torch.randn(n, k)
+
+        def run():
+            for a, w in ops:
+                for _ in range(repeat):
+                    a @ w.t()
+                if train:
+                    g.t() @ a
+                    g @ w
+        return run
+    return build
 
 
 def ffc_cases() -> List[Case]:
     n, c, k = 256, 2048, 1000
     gemm = 2.0 * n * c * k
     make = lambda cls: cls(c, k)  # noqa: E731
+    # The classifier's linearity: one product per filtered feature, not one per output.
+    train_products = linear_products(n, k, [c], True)
     return [
         Case("ffc train 256x2048", make, cnnboost.FFC, reference.FFC,
-             lambda: [torch.randn(n, c, requires_grad=True)], True, flops=3 * gemm),
+             lambda: [torch.randn(n, c, requires_grad=True)], True, flops=3 * gemm, products=train_products),
         Case("ffc train 256x2048x7x7", make, cnnboost.FFC, reference.FFC,
-             lambda: [torch.randn(n, c, 7, 7, requires_grad=True)], True, flops=3 * gemm),
+             lambda: [torch.randn(n, c, 7, 7, requires_grad=True)], True, flops=3 * gemm,
+             products=train_products),
         Case("ffc vote 256x2048", make, cnnboost.FFC, reference.FFC,
-             lambda: [torch.randn(n, c)], False, flops=4 * gemm),
+             lambda: [torch.randn(n, c)], False, flops=4 * gemm, products=linear_products(n, k, [c], False, 4)),
         Case("ffc eval-mean 256x2048", lambda cls: cls(c, k, eval_ensemble="mean"), cnnboost.FFC, reference.FFC,
-             lambda: [torch.randn(n, c)], False, flops=gemm),
+             lambda: [torch.randn(n, c)], False, flops=gemm, products=linear_products(n, k, [c], False)),
     ]
 
 
@@ -85,10 +112,13 @@ def ssm_cases() -> List[Case]:
     width = c * (g + 1) // 2  # Σ_i i·C/G: the concatenated width of the G heads
     gemm = 2.0 * n * width * k
     make = lambda cls: cls(c, k)  # noqa: E731
+    widths = [(i + 1) * c // g for i in range(g)]
     return [
         Case("ssm train 256x2048", make, cnnboost.SSM, reference.SSM,
-             lambda: [torch.randn(n, c, requires_grad=True)], True, flops=3 * gemm),
-        Case("ssm eval 256x2048", make, cnnboost.SSM, reference.SSM, lambda: [torch.randn(n, c)], False, flops=gemm),
+             lambda: [torch.randn(n, c, requires_grad=True)], True, flops=3 * gemm,
+             products=linear_products(n, k, widths, True)),
+        Case("ssm eval 256x2048", make, cnnboost.SSM, reference.SSM, lambda: [torch.randn(n, c)], False, flops=gemm,
+             products=linear_products(n, k, widths, False)),
     ]
 
 
@@ -187,6 +217,8 @@ def bench_case(case: Case, reps: int, compile_: bool):
     if compile_:
         torch._dynamo.reset()
         runs["compile"] = step_fn(torch.compile(ref), case)
+    if case.products is not None:
+        runs["products"] = case.products()
     for fn in runs.values():  # warm up (and compile)
         fn()
         fn()
@@ -267,6 +299,9 @@ def print_row(case: Case, times: List[dict], gflops: float, gbs: float):
     ach = ""
     if case.flops:
         ach = f"{case.flops / fast / 1e9:.0f} GFLOP/s ({100 * case.flops / fast / 1e9 / gflops:.0f}% of GEMM)"
+        if "products" in times[0]:
+            prod = med([t["products"] for t in times])
+            ach += f"; products {prod * 1e3:.1f}ms, ceiling {eager / prod:.2f}x"
     elif case.bytes:
         ach = f"{case.bytes / fast / 1e9:.1f} GB/s ({100 * case.bytes / fast / 1e9 / gbs:.0f}% of copy)"
     print(f"{case.name:<28} {fast * 1e3:>7.2f}ms {eager * 1e3:>7.2f}ms "
