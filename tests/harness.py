@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 from typing import Callable, Sequence
 
+import pytest
 import torch
 from torch import nn
 
@@ -117,6 +118,22 @@ def assert_unchanged(module: nn.Module, before: dict):
     assert after.keys() == before.keys()
     for k in before:
         assert torch.equal(after[k], before[k]), f"{k} changed on a failed call"
+
+
+def assert_raises_naming(call: Callable[[], object], exc, words: Sequence[str]):
+    """``call()`` raises ``exc`` with a message that contains every one of ``words``."""
+    with pytest.raises(exc) as info:
+        call()
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+
+
+def assert_fails_cleanly(module: nn.Module, call: Callable[[], object], exc, words: Sequence[str]):
+    """``call()`` raises ``exc`` naming every one of ``words``, and leaves the module's
+    parameters, buffers and grads as they were."""
+    before = state_of(module)
+    assert_raises_naming(call, exc, words)
+    assert_unchanged(module, before)
 
 
 def deepcopy_equal(module: nn.Module):
