@@ -24,6 +24,7 @@ pub use super::Outputs;
 use super::{check_len, checked_numel, column_totals, Error, Float, Result};
 use rayon::prelude::*;
 use std::borrow::Cow;
+use std::mem::MaybeUninit;
 
 /// How the filtered features are combined into the classifier's inputs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,53 +176,66 @@ fn pooled<T: Float>(x: &[T], hw: usize) -> Cow<'_, [T]> {
 }
 
 /// Mean and `1/sqrt(var + eps)` of one row, in one pass of f64 sums (f64 keeps
-/// `E[x²] - E[x]²` exact enough for any feature a network produces).
+/// `E[x²] - E[x]²` exact enough for any feature a network produces), 8 interleaved
+/// partial sums over fixed 8-wide blocks, which vectorises.
 fn row_stats<T: Float>(row: &[T], eps: f64) -> (f64, f64) {
-    let (mut s, mut q) = ([0.0f64; 4], [0.0f64; 4]);
-    let mut chunks = row.chunks_exact(4);
+    const W: usize = 8;
+    let (mut s, mut q) = ([0.0f64; W], [0.0f64; W]);
+    let mut chunks = row.chunks_exact(W);
     for ch in &mut chunks {
-        for i in 0..4 {
+        for i in 0..W {
             let v = ch[i].as_f64();
             s[i] += v;
             q[i] += v * v;
         }
     }
-    for &v in chunks.remainder() {
-        s[0] += v.as_f64();
-        q[0] += v.as_f64() * v.as_f64();
+    for (i, &v) in chunks.remainder().iter().enumerate() {
+        s[i] += v.as_f64();
+        q[i] += v.as_f64() * v.as_f64();
     }
     let inv_c = 1.0 / row.len() as f64;
-    let mean = (s[0] + s[1] + s[2] + s[3]) * inv_c;
-    let var = ((q[0] + q[1] + q[2] + q[3]) * inv_c - mean * mean).max(0.0);
+    let mean = s.iter().sum::<f64>() * inv_c;
+    let var = (q.iter().sum::<f64>() * inv_c - mean * mean).max(0.0);
     (mean, 1.0 / (var + eps).sqrt())
 }
 
 /// Runs the filter chain of every sample: fills `feats`, `mean` and `rstd`.
 fn filter<T: Float>(cfg: &Config, f0: &[T], n: usize, c: usize, p: &Params<T>) -> Filtered<T> {
     let (lv, nf) = (cfg.levels(), cfg.num_filters);
-    let mut feats = vec![T::zero(); n * lv * c];
+    // Every element is written below, level after level: no zeroing pass first.
+    let mut feats = Vec::<T>::with_capacity(n * lv * c);
     let mut mean = vec![T::zero(); n * nf];
     let mut rstd = vec![T::zero(); n * nf];
-    feats
-        .par_chunks_mut(lv * c)
-        .zip(mean.par_chunks_mut(nf).zip(rstd.par_chunks_mut(nf)))
-        .enumerate()
-        .for_each(|(i, (fs, (mu, rs)))| {
-            fs[..c].copy_from_slice(&f0[i * c..(i + 1) * c]);
-            for l in 0..nf {
-                let (prev, next) = fs[l * c..(l + 2) * c].split_at_mut(c);
-                let (m, r) = row_stats(prev, cfg.eps);
-                let (g, b) = (&p.ln_weight[l * c..(l + 1) * c], &p.ln_bias[l * c..(l + 1) * c]);
-                let (mt, rt) = (T::of(m), T::of(r));
-                for (((o, &v), &gj), &bj) in next.iter_mut().zip(prev.iter()).zip(g).zip(b) {
-                    let y = (v - mt) * rt * gj + bj;
-                    // max() would turn a NaN into 0; keep NaN flowing as torch's ReLU does.
-                    *o = if y > T::zero() || y.is_nan() { y } else { T::zero() };
+    if c > 0 {
+        feats.spare_capacity_mut()[..n * lv * c]
+            .par_chunks_mut(lv * c)
+            .zip(mean.par_chunks_mut(nf).zip(rstd.par_chunks_mut(nf)))
+            .enumerate()
+            .for_each(|(i, (fs, (mu, rs)))| {
+                for (d, &v) in fs[..c].iter_mut().zip(&f0[i * c..(i + 1) * c]) {
+                    d.write(v);
                 }
-                mu[l] = mt;
-                rs[l] = rt;
-            }
-        });
+                for l in 0..nf {
+                    let (done, rest) = fs.split_at_mut((l + 1) * c);
+                    // SAFETY: levels 0..=l were written (the copy above, then the loop's
+                    // earlier rounds); `MaybeUninit<T>` has `T`'s layout.
+                    let prev = unsafe { &*(&done[l * c..] as *const [MaybeUninit<T>] as *const [T]) };
+                    let next = &mut rest[..c];
+                    let (m, r) = row_stats(prev, cfg.eps);
+                    let (g, b) = (&p.ln_weight[l * c..(l + 1) * c], &p.ln_bias[l * c..(l + 1) * c]);
+                    let (mt, rt) = (T::of(m), T::of(r));
+                    for (((o, &v), &gj), &bj) in next.iter_mut().zip(prev).zip(g).zip(b) {
+                        let y = (v - mt) * rt * gj + bj;
+                        // max() would turn a NaN into 0; keep NaN flowing as torch's ReLU does.
+                        o.write(if y <= T::zero() { T::zero() } else { y });
+                    }
+                    mu[l] = mt;
+                    rs[l] = rt;
+                }
+            });
+    }
+    // SAFETY: each sample's `lv * c` values were written above (none when c == 0).
+    unsafe { feats.set_len(n * lv * c) };
     Filtered { feats, mean, rstd }
 }
 
@@ -469,17 +483,8 @@ pub fn backward<T: Float>(
                     let (dgam, dbet) = (&mut dgam[(l - 1) * c..l * c], &mut dbet[(l - 1) * c..l * c]);
                     // ReLU mask, LayerNorm affine, and the two row means of the
                     // LayerNorm backward, in one sweep.
-                    let (mut s1, mut s2) = (0.0f64, 0.0f64);
-                    for j in 0..c {
-                        let gy = if cur[j] > T::zero() || cur[j].is_nan() { g[j] } else { T::zero() };
-                        let xh = (prev[j] - mu) * rs;
-                        dgam[j] += (gy * xh).as_f64();
-                        dbet[j] += gy.as_f64();
-                        let dxh = gy * gamma[j];
-                        dxhat[j] = dxh;
-                        s1 += dxh.as_f64();
-                        s2 += (dxh * xh).as_f64();
-                    }
+                    let (s1, s2) =
+                        ln_backward_sweep(Row { g: &g, cur, prev, gamma }, (mu, rs), dgam, dbet, &mut dxhat);
                     let (m1, m2) = (T::of(s1 / c as f64), T::of(s2 / c as f64));
                     let (d_prev, a_prev) = direct_at(l - 1);
                     for j in 0..c {
@@ -508,6 +513,93 @@ pub fn backward<T: Float>(
         fc_weight,
         fc_bias,
     })
+}
+
+/// One row of one level of the filter chain, for [`ln_backward_sweep`]: the gradient
+/// reaching the level's output, that output, its input, and the LayerNorm's weight.
+struct Row<'a, T> {
+    g: &'a [T],
+    cur: &'a [T],
+    prev: &'a [T],
+    gamma: &'a [T],
+}
+
+/// Through one level's ReLU and LayerNorm affine, for one row: adds the row's
+/// contributions to the parameter gradients (`dgam`, `dbet`), writes
+/// `dxhat = gy · gamma` (`gy` the gradient through the ReLU) and returns the row sums
+/// `(Σ dxhat, Σ dxhat · xhat)` of the LayerNorm backward. The sums run in 8
+/// interleaved f64 partial sums over fixed 8-wide blocks, which vectorises; `mu`,
+/// `rs` are the row's mean and `1/std`.
+#[inline]
+fn ln_backward_sweep<T: Float>(
+    r: Row<'_, T>,
+    (mu, rs): (T, T),
+    dgam: &mut [f64],
+    dbet: &mut [f64],
+    dxhat: &mut [T],
+) -> (f64, f64) {
+    const W: usize = 8;
+    let c = r.g.len();
+    let (g, cur, prev, gamma) = (r.g, &r.cur[..c], &r.prev[..c], &r.gamma[..c]);
+    let (dgam, dbet, dxhat) = (&mut dgam[..c], &mut dbet[..c], &mut dxhat[..c]);
+    let (mut s1, mut s2) = ([0.0f64; W], [0.0f64; W]);
+    // One element, summed into partial sum `i`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn one<T: Float>(
+        (g, cur, prev, gamma): (T, T, T, T),
+        (mu, rs): (T, T),
+        dgam: &mut f64,
+        dbet: &mut f64,
+        dxhat: &mut T,
+        s1: &mut f64,
+        s2: &mut f64,
+    ) {
+        // As torch's threshold_backward: the gradient passes where the output > 0
+        // (and NaN passes through).
+        let gy = if cur <= T::zero() { T::zero() } else { g };
+        let xh = (prev - mu) * rs;
+        *dgam += (gy * xh).as_f64();
+        *dbet += gy.as_f64();
+        let dxh = gy * gamma;
+        *dxhat = dxh;
+        *s1 += dxh.as_f64();
+        *s2 += (dxh * xh).as_f64();
+    }
+    let blocks = g
+        .chunks_exact(W)
+        .zip(cur.chunks_exact(W))
+        .zip(prev.chunks_exact(W))
+        .zip(gamma.chunks_exact(W))
+        .zip(dgam.chunks_exact_mut(W))
+        .zip(dbet.chunks_exact_mut(W))
+        .zip(dxhat.chunks_exact_mut(W));
+    for ((((((g8, c8), p8), gm8), dg8), db8), dx8) in blocks {
+        for i in 0..W {
+            one(
+                (g8[i], c8[i], p8[i], gm8[i]),
+                (mu, rs),
+                &mut dg8[i],
+                &mut db8[i],
+                &mut dx8[i],
+                &mut s1[i],
+                &mut s2[i],
+            );
+        }
+    }
+    let whole = c / W * W;
+    for j in whole..c {
+        one(
+            (g[j], cur[j], prev[j], gamma[j]),
+            (mu, rs),
+            &mut dgam[j],
+            &mut dbet[j],
+            &mut dxhat[j],
+            &mut s1[0],
+            &mut s2[0],
+        );
+    }
+    (s1.iter().sum(), s2.iter().sum())
 }
 
 /// `acc[j] += Σ_i m[i][j]` over the rows of a row-major matrix with `cols` columns.
