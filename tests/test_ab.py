@@ -37,6 +37,14 @@ def test_matches_reference(dtype, train, seed):
     compare(fast, ref, inputs(case, dtype), train=train, zero_grads=("conv.bias",) if train else ())
 
 
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("groups", [None, 4])
+def test_maps_past_the_streaming_size_match_reference(train, groups):
+    """Outputs of 16 MiB and more are written with streaming stores (kernels/stream.rs)."""
+    fast, ref = twins(cnnboost.AB, reference.AB, 256, groups=groups, seed=1)
+    compare(fast, ref, lambda: [torch.randn(4, 256, 72, 72, requires_grad=True)], train=train)
+
+
 @pytest.mark.usefixtures("each_backend")
 @pytest.mark.parametrize("momentum", [0.1, 0.5, None])
 def test_running_statistics_follow_torch_over_several_steps(momentum):

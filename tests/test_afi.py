@@ -41,6 +41,14 @@ def test_matches_reference(dtype, train, seed):
     compare(fast, ref, maps(case, dtype), train=train, call=call)
 
 
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("shape", [(64, 64, 32, 32), (4, 64, 128, 128)])  # per sample; two passes
+def test_maps_past_the_streaming_size_match_reference(train, shape):
+    """Outputs of 16 MiB and more are written with streaming stores (kernels/stream.rs)."""
+    fast, ref = twins(cnnboost.AFI, reference.AFI, 64, seed=1)
+    compare(fast, ref, lambda: [torch.randn(shape, requires_grad=True) for _ in range(3)], train=train, call=call)
+
+
 def test_one_input_is_returned_unchanged():
     m = randomize_(cnnboost.AFI(8), 1)
     x = torch.randn(2, 8, 3, 3, requires_grad=True)

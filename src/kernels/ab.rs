@@ -17,7 +17,7 @@
 use super::batchnorm;
 use super::gemm::{matmul, matmul_serial, Mat};
 use super::pool::{global_avg_pool, plane_dots, plane_mean, scale_planes};
-use super::{check_len, checked_numel, column_totals, output_buffer, Error, Float, Result};
+use super::{check_len, checked_numel, column_totals, output_buffer, stream, Error, Float, Result};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
@@ -198,12 +198,21 @@ fn forward_eval_per_sample<T: Float>(
     // `normalize`'s affine form of the batch norm, for the per-plane path.
     let scale: Vec<T> = invstd.iter().zip(p.bn_weight).map(|(&s, &g)| s * g).collect();
     let shift: Vec<T> = (0..c).map(|j| p.bn_bias[j] - mean[j] * scale[j]).collect();
+    let streaming = stream::worth_it(std::mem::size_of_val(x));
     out.spare_capacity_mut()[..n * sample]
         .par_chunks_mut(sample)
         .zip(pooled.par_chunks_mut(c))
         .zip(x.par_chunks(sample))
         .for_each(|((o, y), xs)| {
             let scale_plane = |op: &mut [MaybeUninit<T>], sp: &[T], g: T| {
+                if streaming {
+                    stream::fill(op, true, |at, vals| {
+                        for (d, &v) in vals.iter_mut().zip(&sp[at..]) {
+                            *d = g * v;
+                        }
+                    });
+                    return;
+                }
                 for (d, &v) in op.iter_mut().zip(sp) {
                     d.write(g * v);
                 }
@@ -216,15 +225,18 @@ fn forward_eval_per_sample<T: Float>(
                     let t = p.conv_bias.map_or(T::zero(), |b| b[j]) + p.conv_weight[j] * y[j];
                     scale_plane(op, sp, sigmoid(t * scale[j] + shift[j]));
                 }
-                return;
+            } else {
+                for (d, plane) in y.iter_mut().zip(xs.chunks_exact(hw)) {
+                    *d = plane_mean(plane);
+                }
+                let t = conv(cfg, y, 1, p, true);
+                let gate = batchnorm::normalize(&t, 1, c, c, mean, invstd, p.bn_weight, p.bn_bias, sigmoid);
+                for ((op, sp), &g) in planes.zip(&gate) {
+                    scale_plane(op, sp, g);
+                }
             }
-            for (d, plane) in y.iter_mut().zip(xs.chunks_exact(hw)) {
-                *d = plane_mean(plane);
-            }
-            let t = conv(cfg, y, 1, p, true);
-            let gate = batchnorm::normalize(&t, 1, c, c, mean, invstd, p.bn_weight, p.bn_bias, sigmoid);
-            for ((op, sp), &g) in planes.zip(&gate) {
-                scale_plane(op, sp, g);
+            if streaming {
+                stream::fence();
             }
         });
     // SAFETY: the chunks cover all `n * c * hw` elements and every one was written.
@@ -429,6 +441,34 @@ mod tests {
             assert_eq!((&per_sample.mean, &per_sample.invstd), (&two_pass.mean, &two_pass.invstd));
             for (a, b) in per_sample.out.iter().zip(case.naive()) {
                 assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn streamed_outputs_equal_plain_ones() {
+        // Training (forward and backward) and both eval forwards, depthwise and
+        // grouped, with planes around the streaming block.
+        for (seed, n, c, hw, g) in [(21, 3, 4, 70, 4), (22, 2, 6, 64, 2), (23, 4, 3, 9, 1)] {
+            for training in [true, false] {
+                let case = Case::new(seed, n, c, hw, g, true, training);
+                let go: Vec<f64> = Lcg(seed + 100).vec(n * c * hw, 1.0, 0.0);
+                for threads in [1, n + 1] {
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                    let run = |streaming: bool| {
+                        pool.install(|| {
+                            stream::forced(streaming, || {
+                                let (cfg, p) = (&case.cfg, case.params());
+                                let f = forward(cfg, &case.x, n, hw, &p, case.running()).unwrap();
+                                let gr =
+                                    backward(cfg, &go, &case.x, n, hw, &p, &f.pooled, &f.mean, &f.invstd)
+                                        .unwrap();
+                                (f.out, gr.x)
+                            })
+                        })
+                    };
+                    assert_eq!(run(true), run(false), "seed {seed}, training {training}, threads {threads}");
+                }
             }
         }
     }

@@ -17,6 +17,7 @@ pub mod ffc;
 pub mod gemm;
 pub mod pool;
 pub mod ssm;
+pub mod stream;
 
 pub use error::{Error, Result};
 

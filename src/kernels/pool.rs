@@ -3,7 +3,7 @@
 //! product of two maps plane by plane, and scaling (plus a shift) of every plane.
 //! These are the memory-bound passes of AB and AFI (and FFC/SSM's pooling).
 
-use super::{output_buffer, Float};
+use super::{output_buffer, stream, Float};
 use rayon::prelude::*;
 
 /// Planes per rayon task when each plane touches `streams` arrays of `hw` elements:
@@ -167,13 +167,19 @@ pub fn scale_planes<T: Float>(src: &[T], scale: &[T], shift: Option<&[T]>, hw: u
     let mut out = output_buffer::<T>(src.len());
     let per = planes_per_task(hw, 2);
     let spare = &mut out.spare_capacity_mut()[..src.len()];
+    let streaming = stream::worth_it(std::mem::size_of_val(src));
     spare.par_chunks_mut(per * hw).zip(src.par_chunks(per * hw)).enumerate().for_each(|(task, (o, s))| {
         for (i, (op, sp)) in o.chunks_exact_mut(hw).zip(s.chunks_exact(hw)).enumerate() {
             let p = task * per + i;
             let (a, b) = (scale[p], shift.map_or(T::zero(), |b| b[p]));
-            for (d, &v) in op.iter_mut().zip(sp) {
-                d.write(a * v + b);
-            }
+            stream::fill(op, streaming, |at, vals| {
+                for (d, &v) in vals.iter_mut().zip(&sp[at..]) {
+                    *d = a * v + b;
+                }
+            });
+        }
+        if streaming {
+            stream::fence();
         }
     });
     // SAFETY: the chunks above cover `src.len()` elements, whole planes each (the
@@ -192,12 +198,14 @@ pub fn broadcast_planes<T: Float>(values: &[T], hw: usize) -> Vec<T> {
         return out;
     }
     let per = planes_per_task(hw, 1);
+    let streaming = stream::worth_it(len * std::mem::size_of::<T>());
     out.spare_capacity_mut()[..len].par_chunks_mut(per * hw).zip(values.par_chunks(per)).for_each(
         |(o, vs)| {
             for (plane, &v) in o.chunks_exact_mut(hw).zip(vs) {
-                for d in plane {
-                    d.write(v);
-                }
+                stream::fill(plane, streaming, |_, vals| vals.fill(v));
+            }
+            if streaming {
+                stream::fence();
             }
         },
     );
@@ -234,6 +242,23 @@ mod tests {
         }
         assert!(broadcast_planes::<f64>(&[], 5).is_empty());
         assert!(broadcast_planes(&[1.0f64], 0).is_empty());
+    }
+
+    #[test]
+    fn streamed_writes_equal_plain_ones() {
+        // Plane sizes around the streaming block, and odd offsets into the output.
+        let src: Vec<f32> = (0..7 * 150).map(|v| (v as f32 * 0.37).sin()).collect();
+        let (scale, shift): (Vec<f32>, Vec<f32>) =
+            (0..1050).map(|p| (p as f32 * 0.1, 1.0 - p as f32)).unzip();
+        for hw in [1, 7, 63, 64, 65, 150] {
+            let planes = src.len() / hw;
+            let s = &src[..planes * hw];
+            let both = |f: &dyn Fn() -> Vec<f32>| (stream::forced(true, f), stream::forced(false, f));
+            let (a, b) = both(&|| scale_planes(s, &scale, Some(&shift), hw));
+            assert_eq!(a, b, "scale_planes, hw {hw}");
+            let (a, b) = both(&|| broadcast_planes(&scale[..planes], hw));
+            assert_eq!(a, b, "broadcast_planes, hw {hw}");
+        }
     }
 
     #[test]
