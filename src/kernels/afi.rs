@@ -268,7 +268,7 @@ pub fn forward<T: Float>(xs: &[&[T]], n: usize, c: usize, hw: usize, p: &Params<
     // R = Σ_i s~_i · X_i, one pass over the planes.
     let mut out = output_buffer::<T>(nc * hw);
     let per = planes_per_task(hw, m + 1);
-    let streaming = streams_out::<T>(m, nc * hw);
+    let streaming = streams_out::<T>(m, nc, hw);
     out.spare_capacity_mut()[..nc * hw].par_chunks_mut(per * hw).enumerate().for_each(|(k, chunk)| {
         for (q, dst) in chunk.chunks_exact_mut(hw).enumerate() {
             let pl = k * per + q;
@@ -284,11 +284,12 @@ pub fn forward<T: Float>(xs: &[&[T]], n: usize, c: usize, hw: usize, p: &Params<
     Ok(Forward { out, z, hidden: h, weights })
 }
 
-/// Whether the forward streams `R` (`len` elements) out: when it is large enough
+/// Whether the forward streams `R` (`planes` planes of `hw`) out: when it is large enough
 /// ([`stream::worth_it`]) and `m` maps are summed in one sweep (more are added by
 /// reading the plane back).
-fn streams_out<T>(m: usize, len: usize) -> bool {
-    m <= GROUP && stream::worth_it(len * std::mem::size_of::<T>())
+fn streams_out<T>(m: usize, planes: usize, hw: usize) -> bool {
+    let plane = hw * std::mem::size_of::<T>();
+    m <= GROUP && stream::worth_it(planes * plane, plane)
 }
 
 /// A plane-major `[planes, m]` matrix (one value per map for each plane) laid out
@@ -323,7 +324,7 @@ fn forward_per_sample<T: Float>(
     let mut out = output_buffer::<T>(nc * hw);
     // Per sample: (z [M, C], hidden [M, hidden], weights [M, C]), scattered below.
     let mut small: Vec<(Vec<T>, Vec<T>, Vec<T>)> = Vec::with_capacity(n);
-    let streaming = streams_out::<T>(m, nc * hw);
+    let streaming = streams_out::<T>(m, nc, hw);
     out.spare_capacity_mut()[..nc * hw]
         .par_chunks_mut(sample)
         .enumerate()
@@ -549,7 +550,7 @@ pub fn backward<T: Float>(
     let block = per * hw;
     let mut gxs: Vec<Vec<T>> = (0..m).map(|_| output_buffer::<T>(total)).collect();
     let tasks = split_outputs(&mut gxs, total, block);
-    let streaming = stream::worth_it(m * total * std::mem::size_of::<T>());
+    let streaming = stream::worth_it(m * total * std::mem::size_of::<T>(), hw * std::mem::size_of::<T>());
     tasks.into_par_iter().zip(grad_out.par_chunks(block)).enumerate().for_each(|(k, (mut dsts, go))| {
         let p0 = k * per;
         for (q, gp) in go.chunks_exact(hw).enumerate() {
@@ -590,7 +591,7 @@ fn backward_per_sample<T: Float>(
     let total = nc * hw;
     let mut gxs: Vec<Vec<T>> = (0..m).map(|_| output_buffer::<T>(total)).collect();
     let tasks = split_outputs(&mut gxs, total, sample);
-    let streaming = stream::worth_it(m * total * std::mem::size_of::<T>());
+    let streaming = stream::worth_it(m * total * std::mem::size_of::<T>(), hw * std::mem::size_of::<T>());
     // Per sample: (dS [M, C], dH [M, hidden]), for the parameter gradients.
     let mut small: Vec<(Vec<T>, Vec<T>)> = Vec::with_capacity(n);
     tasks
