@@ -128,6 +128,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn streams_large_outputs_of_whole_line_planes_only() {
+        let x86 = cfg!(target_arch = "x86_64");
+        assert_eq!(worth_it(MIN_BYTES, 56 * 56 * 4), x86);
+        assert_eq!(worth_it(100 << 20, 28 * 28 * 4), x86);
+        assert!(!worth_it(100 << 20, 7 * 7 * 4), "a 7x7 plane is not whole lines");
+        assert!(!worth_it(MIN_BYTES - 1, 56 * 56 * 4), "small outputs stay in cache");
+    }
+
+    #[test]
     fn fill_writes_each_block_where_it_belongs() {
         for streaming in [false, true] {
             let len = 3 * BLOCK + 5;
