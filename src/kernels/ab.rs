@@ -206,7 +206,7 @@ fn forward_eval_per_sample<T: Float>(
         .for_each(|((o, y), xs)| {
             let scale_plane = |op: &mut [MaybeUninit<T>], sp: &[T], g: T| {
                 if streaming {
-                    stream::fill(op, true, |at, vals| {
+                    stream::fill(op, |at, vals| {
                         for (d, &v) in vals.iter_mut().zip(&sp[at..]) {
                             *d = g * v;
                         }

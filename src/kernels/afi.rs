@@ -379,7 +379,7 @@ fn write_weighted_sum<'a, 'x, T: Float>(
     fn run<T: Float, const K: usize>(dst: &mut [MaybeUninit<T>], src: [&[T]; K], w: [T; K], streaming: bool) {
         let src = src.map(|s| &s[..dst.len()]);
         if streaming {
-            stream::fill(dst, true, |at, vals| {
+            stream::fill(dst, |at, vals| {
                 let src = src.map(|s| &s[at..at + vals.len()]);
                 for (j, d) in vals.iter_mut().enumerate() {
                     let mut v = w[0] * src[0][j];
@@ -432,7 +432,7 @@ fn add_weighted_sum<'x, T: Float>(
 }
 
 /// `dst[k][j] = a_k · src[j] + b_k` for `K` outputs, `coef[k] = (a_k, b_k)`, in one
-/// sweep over `src`; with `streaming`, block by block through [`stream::store`].
+/// sweep over `src`; with `streaming`, through [`stream::fill`].
 #[inline]
 fn write_affine<T: Float, const K: usize>(
     src: &[T],
@@ -444,7 +444,7 @@ fn write_affine<T: Float, const K: usize>(
     if streaming {
         for k in 0..K {
             let (a, b) = coef[k];
-            stream::fill(dst[k], true, |at, vals| {
+            stream::fill(dst[k], |at, vals| {
                 for (d, &v) in vals.iter_mut().zip(&src[at..]) {
                     *d = a * v + b;
                 }

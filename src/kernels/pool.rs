@@ -172,11 +172,17 @@ pub fn scale_planes<T: Float>(src: &[T], scale: &[T], shift: Option<&[T]>, hw: u
         for (i, (op, sp)) in o.chunks_exact_mut(hw).zip(s.chunks_exact(hw)).enumerate() {
             let p = task * per + i;
             let (a, b) = (scale[p], shift.map_or(T::zero(), |b| b[p]));
-            stream::fill(op, streaming, |at, vals| {
-                for (d, &v) in vals.iter_mut().zip(&sp[at..]) {
-                    *d = a * v + b;
+            if streaming {
+                stream::fill(op, |at, vals| {
+                    for (d, &v) in vals.iter_mut().zip(&sp[at..]) {
+                        *d = a * v + b;
+                    }
+                });
+            } else {
+                for (d, &v) in op.iter_mut().zip(sp) {
+                    d.write(a * v + b);
                 }
-            });
+            }
         }
         if streaming {
             stream::fence();
@@ -202,7 +208,13 @@ pub fn broadcast_planes<T: Float>(values: &[T], hw: usize) -> Vec<T> {
     out.spare_capacity_mut()[..len].par_chunks_mut(per * hw).zip(values.par_chunks(per)).for_each(
         |(o, vs)| {
             for (plane, &v) in o.chunks_exact_mut(hw).zip(vs) {
-                stream::fill(plane, streaming, |_, vals| vals.fill(v));
+                if streaming {
+                    stream::fill(plane, |_, vals| vals.fill(v));
+                } else {
+                    for d in plane {
+                        d.write(v);
+                    }
+                }
             }
             if streaming {
                 stream::fence();

@@ -1,12 +1,13 @@
 //! Streaming (non-temporal) stores for map-sized outputs.
 //!
 //! A normal store to memory that is not in cache first reads the line it writes
-//! (write-allocate), so writing a map costs a read and a write of it. The output
-//! maps of AFI's backward are larger than the last-level cache and are not read
-//! again by the kernel, so they are written with streaming stores, which skip that
-//! read. A pass computes a small block of values in registers and L1 ([`BLOCK`]),
-//! then hands it to [`store`]; each parallel task that stored calls [`fence`] before
-//! it finishes, so that its stores are visible to the thread that joins it.
+//! (write-allocate), so writing a map costs a read and a write of it. Large output
+//! maps (AB's and AFI's outputs and input gradients, the pooled-gradient broadcast)
+//! leave the last-level cache before anything reads them again, so they are written
+//! with streaming stores, which skip that read ([`worth_it`] says when). A pass
+//! computes a small block of values in registers and L1 ([`fill`], [`BLOCK`]) and
+//! hands it to [`store`]; each parallel task that stored calls [`fence`] before it
+//! finishes, so that its stores are visible to the thread that joins it.
 //!
 //! On targets other than x86-64, [`store`] is a plain copy and [`fence`] does nothing.
 
@@ -54,22 +55,16 @@ pub fn forced<R>(streaming: bool, f: impl FnOnce() -> R) -> R {
     r
 }
 
-/// Fills `dst` block by block: `f(offset, vals)` computes `vals` (at most [`BLOCK`]
-/// values), the elements `offset..offset + vals.len()` of `dst`, which are then
-/// stored, with streaming stores when `streaming`.
+/// Fills `dst` with streaming stores, block by block: `f(offset, vals)` computes
+/// `vals` (at most [`BLOCK`] values), the elements `offset..offset + vals.len()` of
+/// `dst`, which [`store`] then writes.
 #[inline]
-pub fn fill<T: Float>(dst: &mut [MaybeUninit<T>], streaming: bool, mut f: impl FnMut(usize, &mut [T])) {
+pub fn fill<T: Float>(dst: &mut [MaybeUninit<T>], mut f: impl FnMut(usize, &mut [T])) {
     let mut buf = [T::zero(); BLOCK];
     for (b, d) in dst.chunks_mut(BLOCK).enumerate() {
         let vals = &mut buf[..d.len()];
         f(b * BLOCK, vals);
-        if streaming {
-            store(d, vals);
-        } else {
-            for (x, &v) in d.iter_mut().zip(vals.iter()) {
-                x.write(v);
-            }
-        }
+        store(d, vals);
     }
 }
 
@@ -138,17 +133,17 @@ mod tests {
 
     #[test]
     fn fill_writes_each_block_where_it_belongs() {
-        for streaming in [false, true] {
+        for offset in 0..3 {
             let len = 3 * BLOCK + 5;
-            let mut buf = vec![MaybeUninit::<f32>::uninit(); len + 1];
-            fill(&mut buf[1..], streaming, |off, vals| {
+            let mut buf = vec![MaybeUninit::<f32>::uninit(); len + offset];
+            fill(&mut buf[offset..], |off, vals| {
                 for (i, v) in vals.iter_mut().enumerate() {
                     *v = (off + i) as f32;
                 }
             });
             fence();
-            // SAFETY: `fill` wrote every element after the first.
-            let got: Vec<f32> = buf[1..].iter().map(|v| unsafe { v.assume_init() }).collect();
+            // SAFETY: `fill` wrote every element after `offset`.
+            let got: Vec<f32> = buf[offset..].iter().map(|v| unsafe { v.assume_init() }).collect();
             assert_eq!(got, (0..len).map(|i| i as f32).collect::<Vec<_>>());
         }
     }
