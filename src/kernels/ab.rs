@@ -198,7 +198,7 @@ fn forward_eval_per_sample<T: Float>(
     // `normalize`'s affine form of the batch norm, for the per-plane path.
     let scale: Vec<T> = invstd.iter().zip(p.bn_weight).map(|(&s, &g)| s * g).collect();
     let shift: Vec<T> = (0..c).map(|j| p.bn_bias[j] - mean[j] * scale[j]).collect();
-    let streaming = stream::worth_it(std::mem::size_of_val(x), hw * std::mem::size_of::<T>());
+    let streaming = stream::worth_it::<T>(x.len(), hw);
     out.spare_capacity_mut()[..n * sample]
         .par_chunks_mut(sample)
         .zip(pooled.par_chunks_mut(c))

@@ -288,8 +288,7 @@ pub fn forward<T: Float>(xs: &[&[T]], n: usize, c: usize, hw: usize, p: &Params<
 /// ([`stream::worth_it`]) and `m` maps are summed in one sweep (more are added by
 /// reading the plane back).
 fn streams_out<T>(m: usize, planes: usize, hw: usize) -> bool {
-    let plane = hw * std::mem::size_of::<T>();
-    m <= GROUP && stream::worth_it(planes * plane, plane)
+    m <= GROUP && stream::worth_it::<T>(planes * hw, hw)
 }
 
 /// A plane-major `[planes, m]` matrix (one value per map for each plane) laid out
@@ -550,7 +549,7 @@ pub fn backward<T: Float>(
     let block = per * hw;
     let mut gxs: Vec<Vec<T>> = (0..m).map(|_| output_buffer::<T>(total)).collect();
     let tasks = split_outputs(&mut gxs, total, block);
-    let streaming = stream::worth_it(m * total * std::mem::size_of::<T>(), hw * std::mem::size_of::<T>());
+    let streaming = stream::worth_it::<T>(m * total, hw);
     tasks.into_par_iter().zip(grad_out.par_chunks(block)).enumerate().for_each(|(k, (mut dsts, go))| {
         let p0 = k * per;
         for (q, gp) in go.chunks_exact(hw).enumerate() {
@@ -591,7 +590,7 @@ fn backward_per_sample<T: Float>(
     let total = nc * hw;
     let mut gxs: Vec<Vec<T>> = (0..m).map(|_| output_buffer::<T>(total)).collect();
     let tasks = split_outputs(&mut gxs, total, sample);
-    let streaming = stream::worth_it(m * total * std::mem::size_of::<T>(), hw * std::mem::size_of::<T>());
+    let streaming = stream::worth_it::<T>(m * total, hw);
     // Per sample: (dS [M, C], dH [M, hidden]), for the parameter gradients.
     let mut small: Vec<(Vec<T>, Vec<T>)> = Vec::with_capacity(n);
     tasks

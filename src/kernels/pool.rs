@@ -167,7 +167,7 @@ pub fn scale_planes<T: Float>(src: &[T], scale: &[T], shift: Option<&[T]>, hw: u
     let mut out = output_buffer::<T>(src.len());
     let per = planes_per_task(hw, 2);
     let spare = &mut out.spare_capacity_mut()[..src.len()];
-    let streaming = stream::worth_it(std::mem::size_of_val(src), hw * std::mem::size_of::<T>());
+    let streaming = stream::worth_it::<T>(src.len(), hw);
     spare.par_chunks_mut(per * hw).zip(src.par_chunks(per * hw)).enumerate().for_each(|(task, (o, s))| {
         for (i, (op, sp)) in o.chunks_exact_mut(hw).zip(s.chunks_exact(hw)).enumerate() {
             let p = task * per + i;
@@ -204,7 +204,7 @@ pub fn broadcast_planes<T: Float>(values: &[T], hw: usize) -> Vec<T> {
         return out;
     }
     let per = planes_per_task(hw, 1);
-    let streaming = stream::worth_it(len * std::mem::size_of::<T>(), hw * std::mem::size_of::<T>());
+    let streaming = stream::worth_it::<T>(len, hw);
     out.spare_capacity_mut()[..len].par_chunks_mut(per * hw).zip(values.par_chunks(per)).for_each(
         |(o, vs)| {
             for (plane, &v) in o.chunks_exact_mut(hw).zip(vs) {
