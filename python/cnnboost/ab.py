@@ -1,5 +1,5 @@
 """AB — Accuracy Booster block, on the Rust kernels (custom ops ``cnnboost::ab_forward``
-and ``cnnboost::ab_backward``)."""
+and ``cnnboost::ab_backward``; ``_torch.KernelOp``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _core
-from ._torch import autocast_input, core_for, check_bool, check_eps, check_int, check_momentum, sync_active, synced_batch_norm, check_tensor, from_array, to_array, update_running_stats
+from ._torch import autocast_input, core_for, check_bool, check_eps, check_int, check_momentum, sync_active, synced_batch_norm, check_tensor, from_array, kernel_op, to_array, update_running_stats
 
 __all__ = ["AB"]
 
@@ -24,7 +24,7 @@ def _np(t: Optional[Tensor]):
     return None if t is None else to_array(t)
 
 
-@torch.library.custom_op("cnnboost::ab_forward", mutates_args=())
+@kernel_op("cnnboost::ab_forward")
 def ab_forward(
     x: Tensor,
     conv_weight: Tensor,
@@ -58,7 +58,7 @@ def _(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, 
     )
 
 
-@torch.library.custom_op("cnnboost::ab_backward", mutates_args=())
+@kernel_op("cnnboost::ab_backward")
 def ab_backward(
     grad_out: Tensor,
     x: Tensor,

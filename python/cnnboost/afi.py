@@ -1,5 +1,5 @@
 """AFI — Attentive Feature Integration, on the Rust kernels (custom ops
-``cnnboost::afi_forward`` and ``cnnboost::afi_backward``)."""
+``cnnboost::afi_forward`` and ``cnnboost::afi_backward``; ``_torch.KernelOp``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _core
-from ._torch import autocast_input, core_for, check_int, check_tensor, from_array, to_array
+from ._torch import autocast_input, core_for, check_int, check_tensor, from_array, kernel_op, to_array
 
 __all__ = ["AFI"]
 
@@ -24,7 +24,7 @@ def _np(t: Optional[Tensor]):
     return None if t is None else to_array(t)
 
 
-@torch.library.custom_op("cnnboost::afi_forward", mutates_args=())
+@kernel_op("cnnboost::afi_forward")
 def afi_forward(
     xs: List[Tensor],
     fc1_weight: Tensor,
@@ -52,7 +52,7 @@ def _(xs, fc1_weight, fc1_bias, fc2_weight, fc2_bias, reduction):
     )
 
 
-@torch.library.custom_op("cnnboost::afi_backward", mutates_args=())
+@kernel_op("cnnboost::afi_backward")
 def afi_backward(
     grad_out: Tensor,
     xs: List[Tensor],

@@ -2,7 +2,8 @@
 
 The kernels are registered as torch custom ops (``cnnboost::ffc_forward``,
 ``cnnboost::ffc_backward``, ``cnnboost::ffc_vote``) with fake implementations and
-an autograd formula, so autograd, ``torch.compile`` and ``torch.export`` see one op.
+an autograd formula, so autograd, ``torch.compile`` and ``torch.export`` see one op
+(in eager mode they are called without the custom op's dispatch: ``_torch.KernelOp``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ._torch import (
     core_for,
     from_array,
     grad_is_stored,
+    kernel_op,
     pooling_grad,
     to_array,
 )
@@ -43,7 +45,7 @@ def _num_outputs(num_filters: int, combine: str) -> int:
     return 2 * num_filters + 1 if combine == "paper" else num_filters + 1
 
 
-@torch.library.custom_op("cnnboost::ffc_forward", mutates_args=())
+@kernel_op("cnnboost::ffc_forward")
 def ffc_forward(
     x: Tensor,
     ln_weight: Tensor,
@@ -75,7 +77,7 @@ def _(x, ln_weight, ln_bias, fc_weight, fc_bias, combine, eps, all_outputs):
     return x.new_empty(out_shape), x.new_empty((n, c) if x.dim() == 4 else (0,))
 
 
-@torch.library.custom_op("cnnboost::ffc_backward", mutates_args=())
+@kernel_op("cnnboost::ffc_backward")
 def ffc_backward(
     grad_out: Tensor,
     pooled: Tensor,
@@ -141,7 +143,7 @@ def _backward(ctx, grad_out, _grad_pooled):
 ffc_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("cnnboost::ffc_vote", mutates_args=())
+@kernel_op("cnnboost::ffc_vote")
 def ffc_vote(
     x: Tensor, ln_weight: Tensor, ln_bias: Tensor, fc_weight: Tensor, fc_bias: Tensor, combine: str, eps: float
 ) -> Tensor:

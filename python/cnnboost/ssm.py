@@ -2,7 +2,8 @@
 
 The kernels are registered as torch custom ops (``cnnboost::ssm_forward``,
 ``cnnboost::ssm_backward``) with fake implementations and an autograd formula, so
-autograd, ``torch.compile`` and ``torch.export`` see one op. The forward op is
+autograd, ``torch.compile`` and ``torch.export`` see one op (in eager mode they are
+called without the custom op's dispatch: ``_torch.KernelOp``). The forward op is
 functional: it returns the batch statistics, and the module updates the BatchNorms'
 running statistics itself, after the op returned.
 """
@@ -27,6 +28,7 @@ from ._torch import (
     check_tensor,
     from_array,
     grad_is_stored,
+    kernel_op,
     pooling_grad,
     sync_active,
     synced_batch_norm,
@@ -48,7 +50,7 @@ def _arrays(ts: List[Tensor]) -> list:
     return [to_array(t) for t in ts]
 
 
-@torch.library.custom_op("cnnboost::ssm_forward", mutates_args=())
+@kernel_op("cnnboost::ssm_forward")
 def ssm_forward(
     x: Tensor,
     fc_weights: List[Tensor],
@@ -95,7 +97,7 @@ def _(x, fc_weights, fc_biases, bn_weights, bn_biases, running_means, running_va
     )
 
 
-@torch.library.custom_op("cnnboost::ssm_backward", mutates_args=())
+@kernel_op("cnnboost::ssm_backward")
 def ssm_backward(
     grad_out: Tensor,
     pooled: Tensor,
