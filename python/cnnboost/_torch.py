@@ -147,7 +147,7 @@ def torch_blas() -> tuple[int, int] | None:
     return None
 
 
-@torch.library.custom_op("cnnboost::expand_planes", mutates_args=())
+@kernel_op("cnnboost::expand_planes")
 def expand_planes(values: torch.Tensor, hw: int) -> torch.Tensor:
     """``values`` ``[N, C]`` repeated over ``hw`` pixels: a new ``[N, C, hw]`` tensor."""
     if values.device.type == "cpu":
