@@ -59,8 +59,7 @@ class KernelOp:
         if self._backward is None or not (torch.is_grad_enabled() and _requires_grad(inputs)):
             return self.impl(*inputs)
         layout = tuple(len(v) if isinstance(v, list) else -1 for v in inputs)
-        flat = [t for v in inputs for t in (v if isinstance(v, list) else (v,))]
-        return _EagerOp.apply(self, layout, *flat)
+        return _EagerOp.apply(self, layout, *_flatten(inputs, layout))
 
 
 def kernel_op(name: str):
@@ -87,6 +86,18 @@ def _plain_tensors(inputs) -> bool:
 
 def _requires_grad(inputs) -> bool:
     return any(t.requires_grad for t in _tensors(inputs))
+
+
+def _flatten(values, layout):
+    """One value per op argument (a list for a list argument, where None stands for a
+    list of Nones) as the flat list :func:`_nest` takes apart."""
+    flat = []
+    for v, n in zip(values, layout):
+        if n < 0:
+            flat.append(v)
+        else:
+            flat.extend([None] * n if v is None else v)
+    return flat
 
 
 def _nest(flat, layout):
@@ -119,13 +130,7 @@ class _EagerOp(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        flat = []
-        for g, n in zip(ctx.op._backward(ctx, *grads), ctx.layout):
-            if n < 0:
-                flat.append(g)
-            else:
-                flat.extend([None] * n if g is None else g)
-        return (None, None, *flat)
+        return (None, None, *_flatten(ctx.op._backward(ctx, *grads), ctx.layout))
 
 
 def torch_blas() -> tuple[int, int] | None:
