@@ -17,11 +17,29 @@ def vote_scores(outs: Tensor) -> Tensor:
     winners = outs.argmax(-1)  # [J, N]
     confidence = F.softmax(outs, dim=-1).amax(-1)  # [J, N]
     votes = F.one_hot(winners, k).sum(0).to(outs.dtype)  # [N, K]
-    best = torch.zeros(n, k, dtype=outs.dtype, device=outs.device)
-    best.scatter_reduce_(1, winners.t(), confidence.t(), reduce="amax", include_self=True)
+    best = torch.zeros(n, k, dtype=outs.dtype, device=outs.device).scatter_reduce(
+        1, winners.t(), confidence.t(), reduce="amax", include_self=True
+    )  # out of place: torch.func.vmap cannot write a batched value into an unbatched tensor
     top = votes == votes.amax(1, keepdim=True)
     tied = top & (top.sum(1, keepdim=True) > 1)
     return votes + 0.5 * best * tied
+
+
+def features(ffc: nn.Module, x: Tensor) -> list[Tensor]:
+    """The J features ``ffc``'s Linear classifies: the input and its L filtered
+    versions (``combine="plain"``), with the means of neighbours between them
+    (``"paper"``)."""
+    if x.dim() == 4:
+        x = x.mean((2, 3))
+    f = [x]
+    for l in range(1, ffc.num_filters + 1):
+        f.append(F.relu(getattr(ffc, f"filter{l}")(f[-1])))
+    if ffc.combine == "plain":
+        return f
+    g = [f[0]]
+    for l in range(1, len(f)):
+        g += [(f[l - 1] + f[l]) / 2, f[l]]
+    return g
 
 
 class FFC(nn.Module):
@@ -36,21 +54,8 @@ class FFC(nn.Module):
             self.add_module(f"filter{l}", nn.LayerNorm(in_features, eps=eps, device=device, dtype=dtype))
         self.fc = nn.Linear(in_features, num_classes, device=device, dtype=dtype)
 
-    def features(self, x: Tensor) -> list[Tensor]:
-        if x.dim() == 4:
-            x = x.mean((2, 3))
-        f = [x]
-        for l in range(1, self.num_filters + 1):
-            f.append(F.relu(getattr(self, f"filter{l}")(f[-1])))
-        if self.combine == "plain":
-            return f
-        g = [f[0]]
-        for l in range(1, len(f)):
-            g += [(f[l - 1] + f[l]) / 2, f[l]]
-        return g
-
     def forward(self, x: Tensor) -> Tensor:
-        outs = torch.stack([self.fc(g) for g in self.features(x)])
+        outs = torch.stack([self.fc(g) for g in features(self, x)])
         if self.outputs == "all":
             return outs
         if self.training or self.eval_ensemble == "mean":
