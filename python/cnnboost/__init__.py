@@ -7,7 +7,10 @@ for convolutional networks, as drop-in ``torch.nn.Module``s.
 * ``cnnboost.SSM`` — Split-and-Share Module (a classifier head)
 
 Each module has a pure-torch twin in ``cnnboost.reference`` that computes the same
-thing the slow way (the tests compare against it). ``cnnboost._core`` holds the
+thing the slow way (the tests compare against it). Inside ``with
+cnnboost.torch_ops():`` the modules compute that way themselves (for double
+backward, or ``torch.export`` to a runtime without Python); ``torch.jit.trace``,
+``torch.onnx.export`` and ``torch.func`` transforms get it automatically. ``cnnboost._core`` holds the
 Rust kernels for NumPy arrays and needs no torch.
 
 Threads: the kernels run in a pool of their own, sized like torch's intra-op pool
@@ -86,9 +89,9 @@ __version__ = _core.__version__
 # The torch modules import torch; load them on first use so that a NumPy-only user
 # can `import cnnboost` and call `cnnboost._core` without torch installed.
 _TORCH_MODULES = {"AB": "ab", "AFI": "afi", "FFC": "ffc", "SSM": "ssm", "reference": None, "models": None,
-                  "convert_sync_batchnorm": "distributed"}
+                  "convert_sync_batchnorm": "distributed", "torch_ops": "_torch"}
 
-__all__ = ["AB", "AFI", "FFC", "SSM", "reference", "models", "convert_sync_batchnorm", "get_backend", "get_gemm",
+__all__ = ["AB", "AFI", "FFC", "SSM", "reference", "models", "convert_sync_batchnorm", "torch_ops", "get_backend", "get_gemm",
            "get_num_threads", "set_backend", "set_gemm", "set_num_threads", "__version__"]
 
 

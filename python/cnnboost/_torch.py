@@ -4,6 +4,7 @@ and the checks that give a bad argument a clear error before any work is done.""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 from typing import Sequence
@@ -26,6 +27,49 @@ def _follow_torch_threads() -> None:
 _follow_torch_threads()
 
 
+_torch_ops_depth = 0
+
+
+class torch_ops(contextlib.ContextDecorator):
+    """Within it, cnnboost's modules compute with torch's own ops (the math of
+    :mod:`cnnboost.reference`, on the same parameters and buffers) instead of the
+    Rust kernels: slower, but every torch feature that needs torch ops works.
+
+    Entered for you while ``torch.jit.trace`` or ``torch.onnx.export`` records a
+    model (so the recorded graph holds the module's math in standard ops, not a
+    call into the extension), and under ``torch.func`` transforms (``vmap``,
+    ``grad``, ``jacrev``, ...; their wrapped tensors have no memory the kernels
+    could read). Enter it yourself for:
+
+    * double backward (``create_graph=True``: gradient penalties, Hessians, MAML):
+      the kernels' backward is not differentiable, and differentiating it raises;
+    * ``torch.export`` for a runtime without Python (AOTInductor, ExecuTorch),
+      where the extension's custom ops cannot run;
+    * CUDA tensors without the CUDA build of cnnboost.
+
+    Usable as ``with cnnboost.torch_ops(): ...`` or as a decorator. It affects the
+    calls of every thread while any thread is inside it."""
+
+    def __enter__(self):
+        global _torch_ops_depth
+        _torch_ops_depth += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _torch_ops_depth
+        _torch_ops_depth -= 1
+
+
+def torch_ops_active() -> bool:
+    """Whether the modules compute with torch's ops now (see :class:`torch_ops`)."""
+    return (
+        _torch_ops_depth > 0
+        or torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+        or torch._C._are_functorch_transforms_active()
+    )
+
+
 class KernelOp:
     """One kernel op by two routes to the same implementation ``fn``: a
     ``torch.library`` custom op (``name``), which ``torch.compile`` and
@@ -41,6 +85,7 @@ class KernelOp:
     the op."""
 
     def __init__(self, name: str, fn):
+        self.name = name
         self.impl = fn
         self.custom = torch.library.custom_op(name, mutates_args=())(fn)
         self._setup_context = None
@@ -130,7 +175,29 @@ class _EagerOp(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        return (None, None, *_flatten(ctx.op._backward(ctx, *grads), ctx.layout))
+        flat = _flatten(ctx.op._backward(ctx, *grads), ctx.layout)
+        if torch.is_grad_enabled():  # create_graph=True: these gradients may be differentiated
+            flat = _not_differentiable(ctx.op.name, flat)
+        return (None, None, *flat)
+
+
+def _not_differentiable(name: str, grads):
+    """The kernels' gradients with a node that raises if autograd ever reaches it
+    (as ``torch.autograd.function.once_differentiable`` does, with a message that
+    says what to do): differentiating them again would otherwise silently miss the
+    second-order terms through this op."""
+    tensors = [g for g in grads if isinstance(g, torch.Tensor)]
+    if not tensors:
+        return grads
+    message = (
+        f"{name}: the Rust kernels' backward cannot be differentiated (double backward, "
+        "create_graph=True); run the forward inside `with cnnboost.torch_ops():` to compute "
+        "it with torch's ops, which can"
+    )
+    err = torch._C._functions.DelayedError(message.encode(), len(tensors))
+    wrapped = err(*[g.detach().requires_grad_() for g in tensors])
+    wrapped = iter(wrapped if isinstance(wrapped, tuple) else (wrapped,))
+    return [next(wrapped) if isinstance(g, torch.Tensor) else g for g in grads]
 
 
 def torch_blas() -> tuple[int, int] | None:
@@ -258,7 +325,8 @@ def core_for(t: torch.Tensor):
 
 
 NO_CUDA = ("this installation of cnnboost computes on the CPU only; for CUDA tensors install the CUDA "
-           "build (README, 'CUDA'), or move the module and input to the CPU")
+           "build (README, 'CUDA'), compute with torch's ops (`with cnnboost.torch_ops():`), or move "
+           "the module and input to the CPU")
 
 
 def autocast_input(t: object, like: torch.Tensor) -> object:
@@ -294,7 +362,7 @@ def check_tensor(
             f"{name}: expected dtype torch.float32 or torch.float64, got {t.dtype} "
             "(cast the input, or run the module outside torch.autocast)"
         )
-    if t.device.type != "cpu" and not (t.device.type == "cuda" and _cuda_core() is not None):
+    if t.device.type != "cpu" and not (t.device.type == "cuda" and (_cuda_core() is not None or torch_ops_active())):
         raise ValueError(f"{name}: expected a tensor on the CPU, got one on {t.device} ({NO_CUDA})")
     if like is not None:
         if t.dtype != like.dtype:

@@ -9,8 +9,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from . import _core
-from ._torch import autocast_input, core_for, check_int, check_tensor, from_array, kernel_op, to_array
+from . import _core, reference
+from ._torch import autocast_input, core_for, check_int, check_tensor, from_array, kernel_op, to_array, torch_ops_active
 
 __all__ = ["AFI"]
 
@@ -154,6 +154,8 @@ class AFI(nn.Module):
         for i, x in enumerate(xs[1:], 1):
             if x.shape != first.shape:
                 raise ValueError(f"xs[{i}]: expected shape {tuple(first.shape)} (that of xs[0]), got {tuple(x.shape)}")
+        if torch_ops_active():
+            return reference.AFI.forward(self, xs)
         out, _, _, _ = afi_forward(list(xs), self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
                                    self.reduction)
         return out

@@ -14,7 +14,7 @@ from typing import Tuple
 import torch
 from torch import Tensor, nn
 
-from . import _core
+from . import _core, reference
 from ._torch import (
     autocast_input,
     check_choice,
@@ -27,6 +27,7 @@ from ._torch import (
     kernel_op,
     pooling_grad,
     to_array,
+    torch_ops_active,
 )
 
 __all__ = ["FFC"]
@@ -236,6 +237,8 @@ class FFC(nn.Module):
             raise ValueError(
                 f"x: expected {self.in_features} channels (in_features) in dim 1, got shape {tuple(x.shape)}"
             )
+        if torch_ops_active():
+            return reference.FFC.forward(self, x)
         filters = self.filters()
         ln_weight = torch.stack([f.weight for f in filters])
         ln_bias = torch.stack([f.bias for f in filters])

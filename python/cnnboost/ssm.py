@@ -16,7 +16,7 @@ from typing import List, Tuple
 import torch
 from torch import Tensor, nn
 
-from . import _core
+from . import _core, reference
 from ._torch import (
     autocast_input,
     core_for,
@@ -33,6 +33,7 @@ from ._torch import (
     sync_active,
     synced_batch_norm,
     to_array,
+    torch_ops_active,
     update_running_stats,
 )
 
@@ -279,6 +280,8 @@ class SSM(nn.Module):
             )
         if sync_active(self.sync_bn, self.training, self.process_group) and len(self.bns) > 0:
             return self._forward_synced(x)
+        if torch_ops_active():
+            return reference.SSM.forward(self, x)
         out, mean, _, var, _ = ssm_forward(
             x,
             [fc.weight for fc in self.fcs],
