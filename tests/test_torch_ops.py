@@ -266,3 +266,11 @@ def test_export_inside_torch_ops_holds_no_custom_op(case):
     assert any("cnnboost" in str(node.target) for node in torch.export.export(module, tuple(inputs)).graph.nodes)
     _, other = _make(case, torch.float32, seed=1)
     assert_close(program.module()(*other), module(*other).detach(), torch.float32, "exported output")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_jit_script_refuses_naming_what_works(case):
+    module, _ = _make(case, torch.float32)
+    with pytest.raises(RuntimeError, match="torch.jit.trace") as info:
+        torch.jit.script(torch.nn.Sequential(module))
+    assert type(module).__name__ in str(info.value)

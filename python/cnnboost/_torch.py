@@ -60,6 +60,16 @@ class torch_ops(contextlib.ContextDecorator):
         _torch_ops_depth -= 1
 
 
+def refuse_scripting(module) -> None:
+    """``__prepare_scriptable__`` of every cnnboost module: ``torch.jit.script`` would
+    fail deep inside the module's Python with a message about type annotations."""
+    raise RuntimeError(
+        f"{type(module).__name__}: torch.jit.script cannot compile cnnboost's modules (they call a "
+        "Python extension); torch.jit.trace records them in torch ops, as do torch.onnx.export and, "
+        "inside cnnboost.torch_ops(), torch.export"
+    )
+
+
 def torch_ops_active() -> bool:
     """Whether the modules compute with torch's ops now (see :class:`torch_ops`)."""
     return (

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from . import _core
 from . import reference
-from ._torch import autocast_input, core_for, check_bool, check_eps, check_int, check_momentum, sync_active, synced_batch_norm, check_tensor, from_array, kernel_op, to_array, torch_ops_active, update_running_stats
+from ._torch import autocast_input, core_for, check_bool, check_eps, check_int, check_momentum, sync_active, synced_batch_norm, check_tensor, from_array, kernel_op, refuse_scripting, to_array, torch_ops_active, update_running_stats
 
 __all__ = ["AB"]
 
@@ -179,6 +179,8 @@ class AB(nn.Module):
         if self.training:
             update_running_stats(bn, mean, var)
         return out
+
+    __prepare_scriptable__ = refuse_scripting
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, groups={self.groups}"

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _core, reference
-from ._torch import autocast_input, core_for, check_int, check_tensor, from_array, kernel_op, to_array, torch_ops_active
+from ._torch import autocast_input, core_for, check_int, check_tensor, from_array, kernel_op, refuse_scripting, to_array, torch_ops_active
 
 __all__ = ["AFI"]
 
@@ -159,6 +159,8 @@ class AFI(nn.Module):
         out, _, _, _ = afi_forward(list(xs), self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
                                    self.reduction)
         return out
+
+    __prepare_scriptable__ = refuse_scripting
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, reduction={self.reduction}, bias={self.fc1.bias is not None}"

@@ -26,6 +26,7 @@ from ._torch import (
     grad_is_stored,
     kernel_op,
     pooling_grad,
+    refuse_scripting,
     to_array,
     torch_ops_active,
 )
@@ -251,6 +252,8 @@ class FFC(nn.Module):
             x, ln_weight, ln_bias, self.fc.weight, self.fc.bias, self.combine, self.eps, self.outputs == "all"
         )
         return out
+
+    __prepare_scriptable__ = refuse_scripting
 
     def extra_repr(self) -> str:
         return (

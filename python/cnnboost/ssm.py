@@ -32,6 +32,7 @@ from ._torch import (
     pooling_grad,
     sync_active,
     synced_batch_norm,
+    refuse_scripting,
     to_array,
     torch_ops_active,
     update_running_stats,
@@ -314,6 +315,8 @@ class SSM(nn.Module):
             logits.append(fc(p))
         stacked = torch.stack(logits)
         return stacked if self.outputs == "all" else stacked.mean(0)
+
+    __prepare_scriptable__ = refuse_scripting
 
     def extra_repr(self) -> str:
         return (
