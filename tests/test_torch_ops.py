@@ -274,3 +274,25 @@ def test_jit_script_refuses_naming_what_works(case):
     with pytest.raises(RuntimeError, match="torch.jit.trace") as info:
         torch.jit.script(torch.nn.Sequential(module))
     assert type(module).__name__ in str(info.value)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_forward_mode_ad_matches_the_kernels_jacobian(case):
+    """Forward-mode AD (dual tensors) gives J·v, with J from the kernels' backward."""
+    import torch.autograd.forward_ad as fwAD
+
+    module, inputs = _make(case, torch.float64)
+    module.eval()
+    leaves = _leaves(inputs)
+    tangents = [torch.randn_like(t) for t in leaves]
+
+    def call(*xs):
+        return module(list(xs)) if case == "afi" else module(*xs)
+
+    jacobians = torch.autograd.functional.jacobian(call, tuple(leaves))
+    out = call(*leaves)
+    expected = sum((j.reshape(out.numel(), -1) @ v.reshape(-1)).view(out.shape) for j, v in zip(jacobians, tangents))
+    with fwAD.dual_level():
+        dual = call(*[fwAD.make_dual(t, v) for t, v in zip(leaves, tangents)])
+        tangent = fwAD.unpack_dual(dual).tangent
+    assert_close(tangent, expected, torch.float64, "forward-mode tangent")

@@ -37,9 +37,10 @@ class torch_ops(contextlib.ContextDecorator):
 
     Entered for you while ``torch.jit.trace`` or ``torch.onnx.export`` records a
     model (so the recorded graph holds the module's math in standard ops, not a
-    call into the extension), and under ``torch.func`` transforms (``vmap``,
+    call into the extension), under ``torch.func`` transforms (``vmap``,
     ``grad``, ``jacrev``, ...; their wrapped tensors have no memory the kernels
-    could read). Enter it yourself for:
+    could read), and inside ``torch.autograd.forward_ad.dual_level()`` (forward-mode
+    AD, which the kernels do not implement). Enter it yourself for:
 
     * double backward (``create_graph=True``: gradient penalties, Hessians, MAML):
       the kernels' backward is not differentiable, and differentiating it raises;
@@ -77,6 +78,7 @@ def torch_ops_active() -> bool:
         or torch.jit.is_tracing()
         or torch.onnx.is_in_onnx_export()
         or torch._C._are_functorch_transforms_active()
+        or torch.autograd.forward_ad._current_level >= 0  # inside forward_ad.dual_level()
     )
 
 
