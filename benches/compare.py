@@ -4,9 +4,11 @@ and ratios (>1 means cnnboost is faster), plus the achieved GFLOP/s or GB/s agai
 this machine's measured GEMM rate and copy bandwidth (the roofline). A memory-bound
 case's GB/s counts the least traffic its math allows (every input read once, every
 output written once), so 100% of copy is the floor no implementation can pass. A
-GEMM-bound case (FFC, SSM) also times its matrix products alone, with torch on the
-same BLAS, interleaved with the rest: "products" is that time, "ceiling" what eager's
-time over it allows, the most any implementation running those products can gain.
+GEMM-bound case (FFC, SSM) also times its matrix products alone, in torch (on
+torch's BLAS, as eager runs them), interleaved with the rest: "products" is that
+time, "ceiling" eager's time over it, the most an implementation computing those
+products on torch's BLAS can gain (cnnboost's default GEMM may be faster: README,
+"Matrix products").
 
     python benches/compare.py                 # every case
     python benches/compare.py --only ffc      # cases whose name starts with "ffc"
@@ -47,7 +49,7 @@ class Case:
     train: bool
     flops: float = 0.0  # the GEMM work of one call, for the GFLOP/s column
     bytes: float = 0.0  # the unavoidable memory traffic of one call, for GB/s
-    # builds a function running the call's matrix products alone (torch, same BLAS)
+    # builds a function running the call's matrix products alone (in torch)
     products: Optional[Callable[[], Callable[[], None]]] = None
     call: Callable = staticmethod(lambda m, xs: m(*xs))
 
@@ -240,8 +242,8 @@ def main(argv: Optional[Sequence[str]] = None):
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--device", default="cpu",
                         help="cpu, or cuda (needs the CUDA build, cnnboost-cuda: README, 'CUDA')")
-    parser.add_argument("--gemm", choices=["blas", "builtin"],
-                        help="what computes cnnboost's CPU products (default: torch's BLAS where torch has one)")
+    parser.add_argument("--gemm", choices=["openblas", "torch", "builtin"],
+                        help="what computes cnnboost's CPU products (default: cnnboost's choice, README 'Matrix products')")
     parser.add_argument("--processes", type=int, default=1,
                         help="run each case in this many fresh processes; report the median ratio and its range")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one case by name, times as JSON

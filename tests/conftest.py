@@ -13,10 +13,11 @@ if os.environ.get("CI"):
 
 @pytest.fixture(params=["rayon", "rayon/builtin-gemm", "candle"])
 def each_backend(request):
-    """Runs a test on the rayon kernels (their products on torch's BLAS, the default
-    where torch exports one), on the rayon kernels with the built-in GEMM (the `gemm`
-    crate), and on the candle implementation (on candle's CPU device: the code CUDA
-    runs); then restores the defaults."""
+    """Runs a test on the rayon kernels (their products on the default GEMM:
+    OpenBLAS, or torch's MKL on Intel; tests/test_gemm.py runs each one on large
+    products), on the rayon kernels with the built-in GEMM (the `gemm` crate), and on
+    the candle implementation (on candle's CPU device: the code CUDA runs); then
+    restores the defaults."""
     import cnnboost
 
     backend, _, gemm = request.param.partition("/")

@@ -21,12 +21,12 @@ Backends: CPU calls run the rayon kernels. ``cnnboost.set_backend("candle")`` (o
 ``CNNBOOST_BACKEND=candle``) runs them through the device-generic candle code instead,
 on candle's CPU device: the same code the CUDA build runs, slower, for checking it.
 
-Matrix products (SSM and FFC are mostly GEMM): once a torch module of cnnboost is
-imported, the kernels compute them with the BLAS torch ships (MKL in torch's x86
-wheels; 20-30% faster than the built-in ``gemm`` crate where we measured), if torch
-exports one; otherwise, and for NumPy-only use, with the ``gemm`` crate.
-``cnnboost.set_gemm("builtin")`` (or ``CNNBOOST_GEMM=builtin``) chooses the built-in
-one, ``cnnboost.get_gemm()`` says which is in use.
+Matrix products (SSM and FFC are mostly GEMM): OpenBLAS (the scipy-openblas32
+wheel), one thread per call, each large product split across cnnboost's threads; on
+Intel CPUs, once a torch module is imported, the BLAS torch ships (MKL); the
+built-in ``gemm`` crate where neither is there. ``cnnboost.set_gemm(name)`` (or
+``CNNBOOST_GEMM``) chooses ``"openblas"``, ``"torch"`` or ``"builtin"``;
+``cnnboost.get_gemm()`` says which is in use.
 
 OpenMP: after each parallel op, torch's OpenMP threads busy-wait for the next one
 (milliseconds), taking the cores from cnnboost's threads. With
@@ -43,8 +43,8 @@ import sys as _sys
 if "torch" not in _sys.modules:
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from . import _core
-from ._core import get_backend, get_gemm, get_num_threads, set_backend
+from . import _core, _gemm
+from ._core import get_backend, get_num_threads, set_backend
 
 if _os.environ.get("CNNBOOST_BACKEND"):
     set_backend(_os.environ["CNNBOOST_BACKEND"])
@@ -61,27 +61,22 @@ def set_num_threads(num_threads: int) -> None:
     _threads_chosen = True
 
 
-_gemm_chosen = False
-
-
 def set_gemm(name: str) -> None:
-    """Chooses what computes the kernels' matrix products: ``"blas"``, the BLAS torch
-    ships (the default once a torch module of cnnboost is imported, where torch
-    exports one; needs torch), or ``"builtin"``, the ``gemm`` crate."""
-    global _gemm_chosen
-    if name == "builtin":
-        _core._set_blas(0, 0)
-    elif name == "blas":
-        from ._torch import torch_blas
+    """Chooses what computes the kernels' matrix products: ``"openblas"`` (the
+    scipy-openblas32 wheel, each large product split across cnnboost's threads),
+    ``"torch"`` (the BLAS torch ships, MKL in its x86 wheels, on torch's threads;
+    needs torch) or ``"builtin"`` (the ``gemm`` crate). The choice sticks: importing
+    torch modules later does not change it."""
+    _gemm.use(name)
 
-        fns = torch_blas()
-        if fns is None:
-            raise ValueError("name: 'blas' needs the sgemm_/dgemm_ that torch's CPU library exports, "
-                             "and this torch exports none; use 'builtin'")
-        _core._set_blas(*fns)
-    else:
-        raise ValueError(f"name: expected 'blas' or 'builtin', got {name!r}")
-    _gemm_chosen = True
+
+def get_gemm() -> str:
+    """What computes the kernels' matrix products: ``"openblas"``, ``"torch"`` or
+    ``"builtin"`` (see :func:`set_gemm`)."""
+    return _gemm.current()
+
+
+_gemm.choose_default(torch_loaded=False)
 
 
 __version__ = _core.__version__

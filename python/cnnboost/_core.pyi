@@ -38,18 +38,20 @@ def get_backend() -> str:
 
 def get_gemm() -> str:
     """What computes the kernels' matrix products: ``"blas"`` (a registered BLAS;
-    the torch modules register torch's) or ``"builtin"`` (the ``gemm`` crate)."""
+    ``cnnboost.get_gemm()`` says which) or ``"builtin"`` (the ``gemm`` crate)."""
 
 def expand_planes(values: ArrayLike, hw: int) -> Array:
     """``values`` (shape ``S``) with each value repeated ``hw`` times: a new array of
     shape ``S + (hw,)``, the gradient of a global average pooling (``values`` already
     divided by ``hw``) written out."""
 
-def _set_blas(sgemm: int, dgemm: int) -> None:
+def _set_blas(sgemm: int, dgemm: int, serial: bool = False) -> None:
     """Registers a BLAS's ``sgemm_``/``dgemm_`` by address (``(0, 0)``: back to the
-    built-in GEMM). Checked by a small product; raises ``RuntimeError`` if it
-    differs. An address that is not such a function crashes the process: use
-    ``cnnboost.set_gemm``."""
+    built-in GEMM). ``serial``: the BLAS computes each call on its caller's thread
+    (and may be called from several at once); the kernels then split each large
+    product across their own threads. Checked by a small product; raises
+    ``RuntimeError`` if it differs. An address that is not such a function crashes
+    the process: use ``cnnboost.set_gemm``."""
 
 class FFC:
     """Sequential Feature Filtering Classifier kernels. Holds only the

@@ -12,6 +12,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from . import _gemm
+
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
@@ -212,25 +214,6 @@ def _not_differentiable(name: str, grads):
     return [next(wrapped) if isinstance(g, torch.Tensor) else g for g in grads]
 
 
-def torch_blas() -> tuple[int, int] | None:
-    """The addresses of the ``sgemm_`` and ``dgemm_`` that torch's CPU library exports
-    (MKL in torch's x86 Linux wheels), or None where it exports none."""
-    import ctypes
-    import os
-
-    libdir = os.path.join(os.path.dirname(torch.__file__), "lib")
-    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
-        path = os.path.join(libdir, name)
-        if not os.path.exists(path):
-            continue
-        try:
-            lib = ctypes.CDLL(path)  # already loaded by torch: this only finds it
-            return tuple(ctypes.cast(getattr(lib, f), ctypes.c_void_p).value for f in ("sgemm_", "dgemm_"))
-        except (OSError, AttributeError):
-            return None
-    return None
-
-
 @kernel_op("cnnboost::expand_planes")
 def expand_planes(values: torch.Tensor, hw: int) -> torch.Tensor:
     """``values`` ``[N, C]`` repeated over ``hw`` pixels: a new ``[N, C, hw]`` tensor."""
@@ -265,31 +248,8 @@ def grad_is_stored(x: torch.Tensor) -> bool:
     return x.requires_grad and x.is_leaf
 
 
-def _use_torch_blas() -> None:
-    """Computes the kernels' products with torch's BLAS, unless the user chose
-    (``cnnboost.set_gemm``, or ``CNNBOOST_GEMM``); where torch has none to lend, the
-    built-in GEMM stays."""
-    import os
-    import warnings
-
-    import cnnboost
-
-    if cnnboost._gemm_chosen:
-        return
-    choice = os.environ.get("CNNBOOST_GEMM")
-    if choice:
-        cnnboost.set_gemm(choice)
-        return
-    fns = torch_blas()
-    if fns is None:
-        return
-    try:
-        cnnboost._core._set_blas(*fns)
-    except RuntimeError as e:  # its check product came out wrong: keep the built-in GEMM
-        warnings.warn(f"{e}; cnnboost uses its built-in GEMM", RuntimeWarning, stacklevel=2)
-
-
-_use_torch_blas()
+# On Intel CPUs the products move to torch's MKL now (see cnnboost._gemm).
+_gemm.choose_default(torch_loaded=True)
 
 
 def to_array(t: torch.Tensor):

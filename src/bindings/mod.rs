@@ -144,12 +144,15 @@ fn get_backend() -> &'static str {
 /// Registers a BLAS's `sgemm_` and `dgemm_` (function addresses) for the kernels'
 /// products, or with `(0, 0)` goes back to the built-in `gemm` crate. The Python
 /// package passes torch's (`cnnboost.set_gemm`); an address that is not such a
-/// function crashes the process, which is why this is private.
+/// function crashes the process, which is why this is private. `serial`: the BLAS
+/// computes each call on the calling thread (the kernels then split large products
+/// across their own threads); it must then be safe to call from several threads.
 #[pyfunction]
-fn _set_blas(sgemm: usize, dgemm: usize) -> PyResult<()> {
+#[pyo3(signature = (sgemm, dgemm, serial = false))]
+fn _set_blas(sgemm: usize, dgemm: usize, serial: bool) -> PyResult<()> {
     let fns = (sgemm != 0 || dgemm != 0).then_some((sgemm, dgemm));
     // SAFETY: the caller's contract above; the functions are checked by a product.
-    unsafe { kernels::gemm::use_blas(fns) }
+    unsafe { kernels::gemm::use_blas(fns, serial) }
         .map_err(|e| PyRuntimeError::new_err(format!("cnnboost: this BLAS cannot be used: {e}")))
 }
 

@@ -16,7 +16,7 @@ use super::Float;
 use gemm::Parallelism;
 use std::marker::PhantomData;
 use std::os::raw::c_char;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// The Fortran BLAS `sgemm_`/`dgemm_` calling convention: every argument by
 /// reference, column-major operands, and the two hidden lengths of the `trans`
@@ -46,6 +46,9 @@ pub type BlasGemm<T> = unsafe extern "C" fn(
 /// The registered `sgemm_` and `dgemm_` (0: none).
 static SGEMM: AtomicUsize = AtomicUsize::new(0);
 static DGEMM: AtomicUsize = AtomicUsize::new(0);
+/// Whether the registered BLAS computes each call on the calling thread alone (then
+/// [`product`] splits a large product across the kernels' threads itself).
+static SERIAL: AtomicBool = AtomicBool::new(false);
 
 /// The element types a BLAS computes: which registered function serves each.
 pub trait BlasScalar: Sized {
@@ -94,10 +97,11 @@ pub fn backend() -> &'static str {
 /// # Safety
 /// Each address must be that of a function with the Fortran BLAS `?gemm_` signature
 /// and semantics for its type (see [`BlasGemm`]), valid for the rest of the process.
-pub unsafe fn use_blas(sgemm_dgemm: Option<(usize, usize)>) -> Result<(), String> {
+pub unsafe fn use_blas(sgemm_dgemm: Option<(usize, usize)>, serial: bool) -> Result<(), String> {
     let Some((s, d)) = sgemm_dgemm else {
         SGEMM.store(0, Ordering::Release);
         DGEMM.store(0, Ordering::Release);
+        SERIAL.store(false, Ordering::Release);
         return Ok(());
     };
     if s == 0 || d == 0 || cfg!(target_endian = "big") {
@@ -107,6 +111,7 @@ pub unsafe fn use_blas(sgemm_dgemm: Option<(usize, usize)>) -> Result<(), String
     let df = std::mem::transmute::<usize, BlasGemm<f64>>(d);
     self_check(sf).map_err(|e| format!("sgemm_: {e}"))?;
     self_check(df).map_err(|e| format!("dgemm_: {e}"))?;
+    SERIAL.store(serial, Ordering::Release);
     SGEMM.store(s, Ordering::Release);
     DGEMM.store(d, Ordering::Release);
     Ok(())
@@ -233,11 +238,74 @@ impl<'a, T> Dst<'a, T> {
 
 fn product<T: Float>(dst: Dst<T>, a: Mat<T>, b: Mat<T>, alpha: T, accumulate: bool) {
     if let Some(f) = T::blas() {
-        if blas_matmul(f, &dst, a, b, alpha, accumulate) {
+        let done = if SERIAL.load(Ordering::Acquire) {
+            split_blas_matmul(f, &dst, a, b, alpha, accumulate)
+        } else {
+            blas_matmul(f, &dst, a, b, alpha, accumulate)
+        };
+        if done {
             return;
         }
     }
     builtin(dst, a, b, alpha, accumulate, true);
+}
+
+/// Products of at least this many multiply-adds are split across threads when the
+/// BLAS is serial; below it, one thread is faster than waking another.
+const SPLIT_MIN: usize = 1 << 21;
+
+/// [`blas_matmul`] with a serial BLAS, in one block per thread of the kernels' pool:
+/// the rows of `dst` (and of `a`) split in equal blocks, or its columns (and those of
+/// `b`) when it has more columns than rows. The blocks write disjoint parts of `dst`.
+fn split_blas_matmul<T: Float>(
+    f: BlasGemm<T>,
+    dst: &Dst<T>,
+    a: Mat<T>,
+    b: Mat<T>,
+    alpha: T,
+    accumulate: bool,
+) -> bool {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let threads = rayon::current_num_threads();
+    if threads < 2 || m.saturating_mul(n).saturating_mul(k) < SPLIT_MIN || m == 0 || n == 0 || k == 0 {
+        return blas_matmul(f, dst, a, b, alpha, accumulate);
+    }
+    if blas_layouts(dst, a, b).is_none() {
+        return false;
+    }
+    dst.assert_fits(m, n);
+    a.assert_in_bounds("lhs");
+    b.assert_in_bounds("rhs");
+    let by_rows = m >= n;
+    let len = if by_rows { m } else { n };
+    let parts = threads.min(len);
+    let (ptr, dst_len, ld) = (dst.ptr as usize, dst.len, dst.ld);
+    use rayon::prelude::*;
+    (0..parts).into_par_iter().for_each(|p| {
+        let (lo, hi) = (len * p / parts, len * (p + 1) / parts);
+        // SAFETY: block `p` covers rows (or columns) lo..hi of `dst`, which no other
+        // block touches; its offset is inside `dst` (lo < m or n), so the sub-range
+        // starts within the exclusive borrow `dst` stands for.
+        let (block, a, b) = if by_rows {
+            let offset = lo * ld;
+            let d = Dst {
+                ptr: unsafe { (ptr as *mut T).add(offset) },
+                len: dst_len - offset,
+                ld,
+                _borrow: PhantomData,
+            };
+            let a = Mat { data: &a.data[lo * a.row_stride..], rows: hi - lo, ..a };
+            (d, a, b)
+        } else {
+            let d =
+                Dst { ptr: unsafe { (ptr as *mut T).add(lo) }, len: dst_len - lo, ld, _borrow: PhantomData };
+            let b = Mat { data: &b.data[lo * b.col_stride..], cols: hi - lo, ..b };
+            (d, a, b)
+        };
+        let done = blas_matmul(f, &block, a, b, alpha, accumulate);
+        debug_assert!(done, "a block of an addressable product is addressable");
+    });
+    true
 }
 
 /// How BLAS addresses a `rows × cols` view whose element `(r, c)` is at
@@ -486,6 +554,35 @@ mod tests {
             assert!(blas_matmul(f, &Dst::of(&mut got, 1), row, col, 1.0, false));
             let want: f64 = a[..k].iter().zip(&b[..k]).map(|(x, y)| x * y).sum();
             assert!((got[0] - want).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn split_products_equal_one_call_for_every_layout_and_thread_count() {
+        // Above SPLIT_MIN multiply-adds; more rows than columns (split by rows), then
+        // more columns than rows (split by columns).
+        for (m, k, n) in [(150, 100, 140), (140, 100, 150)] {
+            assert!(m * n * k >= SPLIT_MIN);
+            let a: Vec<f64> = (0..m * k * 2).map(|i| ((i * 31) % 23) as f64 / 7.0 - 1.5).collect();
+            let b: Vec<f64> = (0..k * n * 2).map(|i| ((i * 13) % 19) as f64 / 5.0 - 1.8).collect();
+            let a_views = [Mat::new(&a, m, k), Mat::new(&a, k, m).t(), Mat::with_ld(&a, m, k, 2 * k)];
+            let b_views = [Mat::new(&b, k, n), Mat::new(&b, n, k).t(), Mat::with_ld(&b, k, n, n + 3)];
+            for threads in [2, 3, 7] {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                pool.install(|| {
+                    for (av, bv) in a_views.iter().flat_map(|&av| b_views.iter().map(move |&bv| (av, bv))) {
+                        for accumulate in [false, true] {
+                            let ld = n + 2; // dst with a row stride wider than n: the gap stays as it was
+                            let f = naive_dgemm::<i32> as BlasGemm<f64>;
+                            let mut want = vec![0.25; m * ld];
+                            assert!(blas_matmul(f, &Dst::of(&mut want, ld), av, bv, 0.5, accumulate));
+                            let mut got = vec![0.25; m * ld];
+                            assert!(split_blas_matmul(f, &Dst::of(&mut got, ld), av, bv, 0.5, accumulate));
+                            assert_eq!(got, want, "{m}x{k}x{n}, {threads} threads, accumulate {accumulate}");
+                        }
+                    }
+                });
+            }
         }
     }
 
