@@ -103,6 +103,8 @@ def use(name: str, *, by_user: bool = True) -> None:
             raise ValueError("name: 'openblas' needs the scipy-openblas32 package (pip install scipy-openblas32)")
         _core._set_blas(*fns, True)
     elif name == "torch":
+        if importlib.util.find_spec("torch") is None:
+            raise ValueError("name: 'torch' needs torch installed; use 'openblas' or 'builtin'")
         fns = torch_blas()
         if fns is None:
             raise ValueError("name: 'torch' needs the sgemm_/dgemm_ that torch's CPU library exports, and this "
