@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
+import sys
 from typing import Sequence
 
 import numpy as np
@@ -73,12 +74,21 @@ def refuse_scripting(module) -> None:
     )
 
 
+def _in_onnx_export() -> bool:
+    """``torch.onnx.is_in_onnx_export()``, without importing ``torch.onnx`` (31
+    modules) on a module's first call when nothing exports."""
+    if torch.compiler.is_compiling():
+        return torch.onnx.is_in_onnx_export()
+    onnx = sys.modules.get("torch.onnx")
+    return onnx is not None and onnx.is_in_onnx_export()
+
+
 def torch_ops_active() -> bool:
     """Whether the modules compute with torch's ops now (see :class:`torch_ops`)."""
     return (
         _torch_ops_depth > 0
         or torch.jit.is_tracing()
-        or torch.onnx.is_in_onnx_export()
+        or _in_onnx_export()
         or torch._C._are_functorch_transforms_active()
         or torch.autograd.forward_ad._current_level >= 0  # inside forward_ad.dual_level()
     )
