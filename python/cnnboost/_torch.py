@@ -398,14 +398,32 @@ def update_running_stats(bn: torch.nn.modules.batchnorm._BatchNorm, mean: torch.
     mean and the unbiased batch variance: count the batch, then move ``running_mean``
     and ``running_var`` towards them by ``bn.momentum`` (by ``1 / num_batches_tracked``,
     a cumulative average, when the momentum is None)."""
+    update_running_stats_of([bn], [mean], [var])
+
+
+def update_running_stats_of(bns, means, variances) -> None:
+    """:func:`update_running_stats` for several batch norms at once. With one momentum
+    for all (the usual case) it takes four torch ops whatever their number, where one
+    at a time takes seven each (~10 µs an op); the same arithmetic, so the same
+    rounding: ``running · (1 − m) + batch · m``."""
     with torch.no_grad():
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            factor = 1.0 / bn.num_batches_tracked.to(mean.dtype)
-        else:
-            factor = bn.momentum
-        bn.running_mean.mul_(1 - factor).add_(mean * factor)
-        bn.running_var.mul_(1 - factor).add_(var * factor)
+        counts = [bn.num_batches_tracked for bn in bns]
+        torch._foreach_add_(counts, 1)
+        momenta = {bn.momentum for bn in bns}
+        if len(momenta) == 1 and None not in momenta:
+            m = momenta.pop()
+            running = [b for bn in bns for b in (bn.running_mean, bn.running_var)]
+            batch = [t for pair in zip(means, variances) for t in pair]
+            torch._foreach_mul_(running, 1 - m)
+            torch._foreach_add_(running, torch._foreach_mul(batch, m))
+            return
+        for bn, mean, var in zip(bns, means, variances):
+            if bn.momentum is None:
+                factor = 1.0 / bn.num_batches_tracked.to(mean.dtype)
+            else:
+                factor = bn.momentum
+            bn.running_mean.mul_(1 - factor).add_(mean * factor)
+            bn.running_var.mul_(1 - factor).add_(var * factor)
 
 
 def sync_active(sync_bn: bool, training: bool, process_group) -> bool:

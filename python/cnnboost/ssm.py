@@ -35,7 +35,7 @@ from ._torch import (
     refuse_scripting,
     to_array,
     torch_ops_active,
-    update_running_stats,
+    update_running_stats_of,
 )
 
 __all__ = ["SSM"]
@@ -298,8 +298,7 @@ class SSM(nn.Module):
         )
         if self.training and len(self.bns) > 0:
             widths = [bn.num_features for bn in self.bns]
-            for bn, m, v in zip(self.bns, mean.split(widths), var.split(widths)):
-                update_running_stats(bn, m, v)
+            update_running_stats_of(self.bns, mean.split(widths), var.split(widths))
         return out
 
     def _forward_synced(self, x: Tensor) -> Tensor:
