@@ -10,8 +10,8 @@ Each module has a pure-torch twin in ``cnnboost.reference`` that computes the sa
 thing the slow way (the tests compare against it). Inside ``with
 cnnboost.torch_ops():`` the modules compute that way themselves (for double
 backward, or ``torch.export`` to a runtime without Python); ``torch.jit.trace``,
-``torch.onnx.export`` and ``torch.func`` transforms get it automatically. ``cnnboost._core`` holds the
-Rust kernels for NumPy arrays and needs no torch.
+``torch.onnx.export`` and ``torch.func`` transforms get it automatically.
+``cnnboost._core`` holds the Rust kernels for NumPy arrays and needs no torch.
 
 Threads: the kernels run in a pool of their own, sized like torch's intra-op pool
 (``torch.get_num_threads()``, when the torch modules are first imported) so that the
@@ -86,8 +86,8 @@ __version__ = _core.__version__
 _TORCH_MODULES = {"AB": "ab", "AFI": "afi", "FFC": "ffc", "SSM": "ssm", "reference": None, "models": None,
                   "convert_sync_batchnorm": "distributed", "torch_ops": "_torch"}
 
-__all__ = ["AB", "AFI", "FFC", "SSM", "reference", "models", "convert_sync_batchnorm", "torch_ops", "get_backend", "get_gemm",
-           "get_num_threads", "set_backend", "set_gemm", "set_num_threads", "__version__"]
+__all__ = ["AB", "AFI", "FFC", "SSM", "reference", "models", "convert_sync_batchnorm", "torch_ops", "get_backend",
+           "get_gemm", "get_num_threads", "set_backend", "set_gemm", "set_num_threads", "__version__"]
 
 
 def __getattr__(name: str):
