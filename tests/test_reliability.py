@@ -1,6 +1,8 @@
 """What a native extension must never do to a notebook: crash, leak, race, or give
 different answers run to run."""
 
+import multiprocessing
+import os
 import threading
 
 import numpy as np
@@ -71,6 +73,57 @@ def test_many_python_threads_share_one_module(name):
     assert not errors
     for r, e in zip(results, expected):
         assert torch.equal(r, e)
+
+
+def _training_step(m, call, x):
+    m.zero_grad()
+    x = x.detach().requires_grad_()
+    y = call(m, x)
+    y.square().sum().backward()
+    return [y.detach(), x.grad] + [p.grad for p in m.parameters()] + list(m.buffers())
+
+
+def _step_in_child(conn, make_state, call, x, threads):
+    m = make_state()
+    if threads:
+        cnnboost.set_num_threads(threads)
+    conn.send((cnnboost.get_num_threads(), [t.numpy() for t in _training_step(m, call, x)]))
+    conn.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX-only")
+@pytest.mark.parametrize("threads", [None, 1])
+@pytest.mark.parametrize("name", MODULES)
+def test_a_forked_child_computes_like_its_parent(name, threads):
+    """multiprocessing's default start on Linux forks; the child has none of the
+    parent's threads, so it must not wait on the parent's pool (it used to hang)."""
+    make, data, call = MODULES[name]
+    torch.manual_seed(0)
+    m = make()
+    x = data(torch.Generator().manual_seed(1))
+    _training_step(m, call, x)  # the parent's pool is running
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+
+    def make_state():
+        return m  # the child's copy of the module, as forked
+
+    ctx = multiprocessing.get_context("fork")
+    parent_end, child_end = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_step_in_child, args=(child_end, make_state, call, x, threads))
+    child.start()
+    if not parent_end.poll(60):
+        child.kill()
+        child.join()
+        pytest.fail("the forked child did not finish a training step in 60 s")
+    child_threads, got = parent_end.recv()
+    child.join()
+    assert child.exitcode == 0
+    assert child_threads == (threads or cnnboost.get_num_threads())
+    m.load_state_dict(state)
+    expected = _training_step(m, call, x)
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b.numpy())
 
 
 @pytest.mark.parametrize("name", MODULES)

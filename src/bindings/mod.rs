@@ -32,12 +32,55 @@ fn build_pool(threads: usize) -> PyResult<Arc<ThreadPool>> {
         .map_err(|e| PyRuntimeError::new_err(format!("cnnboost: could not start {threads} threads: {e}")))
 }
 
+/// Set in a child process by `fork` (multiprocessing's default start on Linux): the
+/// child has only the forking thread, so the pool inherited from the parent has no
+/// threads, and a kernel handed to it would wait forever.
+static FORKED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn after_fork_in_child() {
+    // Only an atomic store: a fork handler may run in a process whose other threads,
+    // and whatever locks they held, are gone.
+    FORKED.store(true, Ordering::SeqCst);
+}
+
+/// Registers [`after_fork_in_child`], once per process (at import).
+fn watch_forks() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    #[cfg(unix)]
+    // SAFETY: registers a handler that only stores to an atomic.
+    ONCE.call_once(|| unsafe {
+        libc::pthread_atfork(None, None, Some(after_fork_in_child));
+    });
+}
+
+/// In a forked child, takes the pool inherited from the parent out of `slot` and leaks
+/// it (its threads do not exist here, and dropping it would signal them); returns its
+/// size. `None` when this process has not forked since the last call.
+fn forget_inherited_pool(slot: &mut Option<Arc<ThreadPool>>) -> Option<usize> {
+    if !FORKED.swap(false, Ordering::SeqCst) {
+        return None;
+    }
+    let inherited = slot.take()?;
+    let threads = inherited.current_num_threads();
+    std::mem::forget(inherited);
+    Some(threads)
+}
+
+fn lock_poisoned<T>(_: T) -> PyErr {
+    PyRuntimeError::new_err("cnnboost: thread pool lock poisoned")
+}
+
 fn pool() -> PyResult<Arc<ThreadPool>> {
+    if FORKED.load(Ordering::SeqCst) {
+        let mut guard = POOL.write().map_err(lock_poisoned)?;
+        if let Some(threads) = forget_inherited_pool(&mut guard) {
+            *guard = Some(build_pool(threads)?); // the parent's size, in the child
+        }
+    }
     if let Some(p) = POOL.read().ok().and_then(|g| g.clone()) {
         return Ok(p);
     }
-    let mut guard =
-        POOL.write().map_err(|_| PyRuntimeError::new_err("cnnboost: thread pool lock poisoned"))?;
+    let mut guard = POOL.write().map_err(lock_poisoned)?;
     if guard.is_none() {
         let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         *guard = Some(build_pool(n)?);
@@ -96,7 +139,9 @@ fn set_num_threads(num_threads: i64) -> PyResult<()> {
         )));
     }
     let p = build_pool(num_threads as usize)?;
-    *POOL.write().map_err(|_| PyRuntimeError::new_err("cnnboost: thread pool lock poisoned"))? = Some(p);
+    let mut guard = POOL.write().map_err(lock_poisoned)?;
+    forget_inherited_pool(&mut guard); // a forked child's: leaked, not dropped
+    *guard = Some(p);
     Ok(())
 }
 
@@ -207,6 +252,7 @@ fn _panic_in_kernel(py: Python<'_>, message: String) -> PyResult<()> {
 #[cfg_attr(feature = "cuda", pyo3(name = "cnnboost_cuda"))]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    watch_forks();
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(set_backend, m)?)?;
