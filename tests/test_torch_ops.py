@@ -104,6 +104,49 @@ def test_torch_ops_take_the_kernels_step(case, train, dtype, monkeypatch):
         assert_close(b_o.to(dtype), b_k.to(dtype), dtype, f"buffer {name}")
 
 
+HALF_TOL = {torch.bfloat16: dict(rtol=4e-2, atol=4e-2), torch.float16: dict(rtol=5e-3, atol=5e-3)}
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_half_precision_modules_compute_in_torch_ops(case, train, half):
+    """The kernels compute in float32 and float64; a module converted to float16 or
+    bfloat16 computes inside torch_ops() (torch's ops take any floating dtype), close
+    to the float32 kernels' step from the same state; outside it, the error says
+    what to do."""
+    kernels, inputs = _make(case, torch.float32)
+    with torch.no_grad():  # values a half type holds exactly, so both start equal
+        for t in list(kernels.parameters()) + list(kernels.buffers()) + _leaves(inputs):
+            t.copy_(t.to(half).to(t.dtype))
+    low = copy.deepcopy(kernels).to(half)
+    kernels.train(train)
+    low.train(train)
+    inputs_k, inputs_h = _fresh(inputs), _fresh([[t.to(half) for t in v] if isinstance(v, list) else v.to(half)
+                                                 for v in inputs])
+    with pytest.raises(TypeError, match=r"float16.*cnnboost\.torch_ops"):
+        low(*inputs_h)
+    weight = torch.linspace(-1, 1, kernels(*inputs).numel()).view(kernels(*inputs).shape)
+    kernels.load_state_dict(copy.deepcopy(low).float().state_dict())  # undo the probe calls' updates
+    out_k = _step(kernels, inputs_k, weight)
+    with cnnboost.torch_ops():
+        out_h = _step(low, inputs_h, weight.to(half))
+    assert out_h.dtype == half
+    tol = HALF_TOL[half]
+    torch.testing.assert_close(out_h.float(), out_k, **tol)
+    for (name, b_h), (_, b_k) in zip(low.named_buffers(), kernels.named_buffers()):
+        torch.testing.assert_close(b_h.to(b_k.dtype), b_k, **tol)
+    # gradients at the scale of the largest (a small one is a sum of cancelling terms)
+    grads_k = [t.grad for t in _leaves(inputs_k)] + [p.grad for p in kernels.parameters()]
+    grads_h = [t.grad for t in _leaves(inputs_h)] + [p.grad for p in low.parameters()]
+    names = [f"input {i}" for i in range(len(_leaves(inputs_k)))] + [n for n, _ in kernels.named_parameters()]
+    scale = max(1.0, max(g.abs().max().item() for g in grads_k))
+    for name, a, b in zip(names, grads_h, grads_k):
+        if not (train and name == "conv.bias"):  # zero in exact arithmetic (BatchNorm follows)
+            torch.testing.assert_close(a.float(), b, rtol=tol["rtol"], atol=tol["atol"] * scale,
+                                       msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
 def test_torch_ops_nests_restores_and_decorates():
     assert not _torch.torch_ops_active()
     with cnnboost.torch_ops():

@@ -49,7 +49,9 @@ class torch_ops(contextlib.ContextDecorator):
       the kernels' backward is not differentiable, and differentiating it raises;
     * ``torch.export`` for a runtime without Python (AOTInductor, ExecuTorch),
       where the extension's custom ops cannot run;
-    * CUDA tensors without the CUDA build of cnnboost.
+    * CUDA tensors without the CUDA build of cnnboost;
+    * modules converted to float16 or bfloat16 (the kernels compute in float32 and
+      float64; ``torch.autocast`` needs none of this).
 
     Usable as ``with cnnboost.torch_ops(): ...`` or as a decorator. It affects the
     calls of every thread while any thread is inside it."""
@@ -332,17 +334,20 @@ def check_tensor(
     like: torch.Tensor | None = None,
     layout_doc: str = "",
 ) -> torch.Tensor:
-    """Raises a TypeError/ValueError naming `name` unless `t` is a floating CPU tensor
-    of one of the ranks in `ndims`, with the dtype and device of `like` (a parameter)."""
+    """Raises a TypeError/ValueError naming `name` unless `t` is a float32/float64 CPU
+    tensor (any floating dtype, and CUDA, inside :class:`torch_ops`) of one of the ranks
+    in `ndims`, with the dtype and device of `like` (a parameter)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dim() not in ndims:
         ranks = " or ".join(f"{d}-d" for d in ndims)
         raise ValueError(f"{name}: expected a {ranks} tensor{layout_doc}, got shape {tuple(t.shape)}")
-    if t.dtype not in SUPPORTED_DTYPES:
+    if t.dtype not in SUPPORTED_DTYPES and not (t.is_floating_point() and torch_ops_active()):
         raise TypeError(
-            f"{name}: expected dtype torch.float32 or torch.float64, got {t.dtype} "
-            "(cast the input, or run the module outside torch.autocast)"
+            f"{name}: expected dtype torch.float32 or torch.float64 (the Rust kernels' types), got "
+            f"{t.dtype}; convert the module and its input with .float(), use torch.autocast for mixed "
+            "precision, or compute in torch's ops, which take any floating dtype, inside "
+            "`with cnnboost.torch_ops():`"
         )
     if t.device.type != "cpu" and not (t.device.type == "cuda" and (_cuda_core() is not None or torch_ops_active())):
         raise ValueError(f"{name}: expected a tensor on the CPU, got one on {t.device} ({NO_CUDA})")
