@@ -29,6 +29,26 @@ def test_the_pool_follows_torch_unless_set():
         assert cnnboost.get_num_threads() == torch.get_num_threads()
 
 
+def test_the_pool_follows_torch_set_num_threads_at_the_next_call(monkeypatch):
+    monkeypatch.setattr(cnnboost, "_threads_chosen", False)
+    before = torch.get_num_threads()
+    m = cnnboost.AB(8)
+    x = torch.randn(4, 8, 3, 3)
+    try:
+        for n in (1, 3, before):
+            torch.set_num_threads(n)
+            expected = m(x)
+            assert cnnboost.get_num_threads() == n
+            torch.testing.assert_close(m(x), expected)
+        monkeypatch.setattr(cnnboost, "_threads_chosen", True)  # cnnboost.set_num_threads was called
+        torch.set_num_threads(2 if before != 2 else 1)
+        m(x)
+        assert cnnboost.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)
+        cnnboost._core.set_num_threads(before)
+
+
 def test_set_num_threads():
     before = cnnboost.get_num_threads()
     try:

@@ -14,7 +14,7 @@ backward, or ``torch.export`` to a runtime without Python); ``torch.jit.trace``,
 ``cnnboost._core`` holds the Rust kernels for NumPy arrays and needs no torch.
 
 Threads: the kernels run in a pool of their own, sized like torch's intra-op pool
-(``torch.get_num_threads()``, when the torch modules are first imported) so that the
+(``torch.get_num_threads()``, followed after ``torch.set_num_threads``) so that the
 two do not oversubscribe the machine; ``cnnboost.set_num_threads(n)`` overrides it.
 
 Backends: CPU calls run the rayon kernels. ``cnnboost.set_backend("candle")`` (or
@@ -55,7 +55,7 @@ _threads_chosen = False
 def set_num_threads(num_threads: int) -> None:
     """Sets the number of threads the kernels use. Until this is called, they use
     ``torch.get_num_threads()`` once a torch module of cnnboost is imported (the
-    number of CPUs before that)."""
+    number of CPUs before that), following ``torch.set_num_threads`` at the next call."""
     global _threads_chosen
     _core.set_num_threads(num_threads)
     _threads_chosen = True

@@ -18,13 +18,21 @@ from . import _gemm
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
+_torch_threads = 0  # torch.get_num_threads() when the pool was last sized after it
+
+
 def _follow_torch_threads() -> None:
     """Sizes the kernels' pool like torch's intra-op pool (torch counts physical
-    cores where the OS reports logical ones), unless the user chose a size."""
+    cores where the OS reports logical ones), unless the user chose a size: at import,
+    and again on the next call after ``torch.set_num_threads`` (a few hundred
+    nanoseconds a call when nothing changed)."""
+    global _torch_threads
     import cnnboost
 
-    if not cnnboost._threads_chosen:
-        cnnboost._core.set_num_threads(max(1, torch.get_num_threads()))
+    n = torch.get_num_threads()
+    if n != _torch_threads and not cnnboost._threads_chosen:
+        cnnboost._core.set_num_threads(max(1, n))
+        _torch_threads = n
 
 
 _follow_torch_threads()
@@ -300,6 +308,7 @@ def core_for(t: torch.Tensor):
     if t.device.type == "cpu":
         from . import _core
 
+        _follow_torch_threads()
         return _core
     core = _cuda_core()
     if core is None:
