@@ -195,17 +195,20 @@ def _nest(flat, layout):
 class _EagerOp(torch.autograd.Function):
     """A :class:`KernelOp` in eager mode: its implementation forward, its registered
     autograd formula backward, with its arguments flattened so that autograd sees
-    every tensor (lists of tensors included)."""
+    every tensor (lists of tensors included).
+
+    ``forward`` takes ``ctx`` (the older form, without ``setup_context``): for the
+    newer form torch binds the arguments with ``inspect.signature`` on every call,
+    ~45 µs a call here. The newer form is only needed by ``torch.func`` transforms,
+    which run the modules in torch's ops (:class:`torch_ops`) instead."""
 
     @staticmethod
-    def forward(op, layout, *flat):
-        return op.impl(*_nest(flat, layout))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        op, layout, *flat = inputs
+    def forward(ctx, op, layout, *flat):
+        inputs = _nest(flat, layout)
+        output = op.impl(*inputs)
         ctx.op, ctx.layout = op, layout
-        op._setup_context(ctx, _nest(flat, layout), output)
+        op._setup_context(ctx, inputs, output)
+        return output
 
     @staticmethod
     def backward(ctx, *grads):
