@@ -28,7 +28,7 @@ impl Setup {
     fn new(i: usize, training: bool) -> Self {
         let (n, c, hw, g) = SHAPES[i];
         Setup {
-            cfg: Config { channels: c, groups: g, eps: 1e-5, training },
+            cfg: Config { channels: c, groups: g, eps: 1e-5, training, channels_last: false },
             n,
             hw,
             x: data(n * c * hw, 1),
@@ -50,6 +50,14 @@ impl Setup {
 #[divan::bench(consts = [true, false], args = [0, 1, 2], sample_count = 20)]
 fn forward<const TRAINING: bool>(b: Bencher, i: usize) {
     let s = Setup::new(i, TRAINING);
+    b.bench(|| ab::forward(&s.cfg, &s.x, s.n, s.hw, &s.params(), s.running()).unwrap());
+}
+
+/// The forward on a channels-last map (torch's `channels_last`: `[N, H, W, C]` in memory).
+#[divan::bench(consts = [true, false], args = [0, 1, 2], sample_count = 20)]
+fn forward_channels_last<const TRAINING: bool>(b: Bencher, i: usize) {
+    let mut s = Setup::new(i, TRAINING);
+    s.cfg.channels_last = true;
     b.bench(|| ab::forward(&s.cfg, &s.x, s.n, s.hw, &s.params(), s.running()).unwrap());
 }
 

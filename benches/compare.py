@@ -106,6 +106,17 @@ def ab_cases() -> List[Case]:
                 # out; backward reads grad and x and writes grad_x
                 bytes=(5 if train else 2) * size,
             ))
+    # torch's channels_last memory format, which torch recommends for CNNs on CPUs
+    n, c, h = 32, 256, 56
+    size = n * c * h * h * 4
+    for train in (True, False):
+        cases.append(Case(
+            f"ab {'train' if train else 'eval'} {n}x{c}x{h}x{h} channels_last", lambda cls: cls(c), cnnboost.AB,
+            reference.AB,
+            (lambda t: lambda: [torch.randn(n, c, h, h).contiguous(memory_format=torch.channels_last)
+                                .requires_grad_(t)])(train),
+            train, bytes=(5 if train else 2) * size,
+        ))
     return cases
 
 
@@ -141,6 +152,8 @@ def afi_cases() -> List[Case]:
             ))
     return cases
 
+
+NAME_WIDTH = 36  # the longest case name
 
 CASE_GROUPS = {"ffc": ffc_cases, "ssm": ssm_cases, "ab": ab_cases, "afi": afi_cases}
 
@@ -264,7 +277,7 @@ def main(argv: Optional[Sequence[str]] = None):
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, cnnboost GEMM: {cnnboost.get_gemm()}; "
           f"roofline: torch GEMM {gflops:.0f} GFLOP/s, copy {gbs:.1f} GB/s; {runs}")
     w = 21 if args.processes > 1 else 9  # a ratio with its range: "1.12x (1.06-1.28)"
-    head = f"{'case':<28} {'cnnboost':>9} {'eager':>9} {'compile':>9} {'vs eager':>{w}} {'vs comp.':>{w}}  achieved"
+    head = f"{'case':<{NAME_WIDTH}} {'cnnboost':>9} {'eager':>9} {'compile':>9} {'vs eager':>{w}} {'vs comp.':>{w}}  achieved"
     print(head)
     print("-" * len(head))
     for case in cases:
@@ -306,7 +319,7 @@ def print_row(case: Case, times: List[dict], gflops: float, gbs: float):
             ach += f"; products {prod * 1e3:.1f}ms, ceiling {eager / prod:.2f}x"
     elif case.bytes:
         ach = f"{case.bytes / fast / 1e9:.1f} GB/s ({100 * case.bytes / fast / 1e9 / gbs:.0f}% of copy)"
-    print(f"{case.name:<28} {fast * 1e3:>7.2f}ms {eager * 1e3:>7.2f}ms "
+    print(f"{case.name:<{NAME_WIDTH}} {fast * 1e3:>7.2f}ms {eager * 1e3:>7.2f}ms "
           f"{(comp * 1e3 if comp else float('nan')):>7.2f}ms {ratio('eager')} {ratio('compile')}  {ach}", flush=True)
 
 

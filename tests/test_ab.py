@@ -22,19 +22,45 @@ def random_case(seed):
                 groups=rng.choice(divisors + [None]), bias=rng.random() < 0.5)
 
 
-def inputs(case, dtype):
-    return lambda: [torch.randn(case["n"], case["c"], case["h"], case["w"], dtype=dtype, requires_grad=True)]
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def inputs(case, dtype, layout="contiguous"):
+    def make():
+        x = torch.randn(case["n"], case["c"], case["h"], case["w"], dtype=dtype)
+        return [x.contiguous(memory_format=LAYOUTS[layout]).requires_grad_()]
+    return make
+
+
+def assert_same_layout(out, x, ref_out):
+    """A channels_last input gives a channels_last output and input gradient, as the
+    reference's (maps with one channel or one pixel are both layouts at once)."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        assert out.is_contiguous(memory_format=torch.channels_last), out.stride()
+        assert ref_out.is_contiguous(memory_format=torch.channels_last), ref_out.stride()
+        if x.grad is not None:
+            assert x.grad.is_contiguous(memory_format=torch.channels_last), x.grad.stride()
+    else:
+        assert out.is_contiguous()
 
 
 @pytest.mark.usefixtures("each_backend")
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("seed", range(10))
-def test_matches_reference(dtype, train, seed):
+def test_matches_reference(dtype, train, seed, layout):
     case = random_case(seed)
     fast, ref = twins(cnnboost.AB, reference.AB, case["c"], groups=case["groups"], bias=case["bias"],
                       dtype=dtype, seed=seed)
-    compare(fast, ref, inputs(case, dtype), train=train, zero_grads=("conv.bias",) if train else ())
+    made = []
+
+    def make():
+        made.extend(inputs(case, dtype, layout)())
+        return made[-1:]
+
+    out, ref_out = compare(fast, ref, make, train=train, zero_grads=("conv.bias",) if train else ())
+    assert_same_layout(out, made[0], ref_out)
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -56,12 +82,13 @@ def test_running_statistics_follow_torch_over_several_steps(momentum):
 
 
 @pytest.mark.usefixtures("each_backend")
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("groups", [None, 1, 2])
 @pytest.mark.parametrize("train", [True, False])
-def test_gradcheck(groups, train):
+def test_gradcheck(groups, train, layout):
     m = randomize_(cnnboost.AB(4, groups=groups, bias=True, dtype=torch.float64), 3).train(train)
     names = [k for k, _ in m.named_parameters()]
-    x = torch.randn(3, 4, 2, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 4, 2, 3, dtype=torch.float64).contiguous(memory_format=LAYOUTS[layout]).requires_grad_()
 
     def f(x, *ps):
         state = dict(zip(names, ps))
@@ -179,11 +206,12 @@ def test_core_bad_arguments_name_them():
         core.forward(*call)
 
 
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_torch_compile_fullgraph_matches_eager(layout):
     torch._dynamo.reset()
     fast, twin = twins(cnnboost.AB, cnnboost.AB, 8, groups=4, seed=2)
     compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
-    x = torch.randn(4, 8, 3, 3)
+    x = torch.randn(4, 8, 3, 3).contiguous(memory_format=LAYOUTS[layout])
     y, yc = fast(x), compiled(x)
     assert_close(yc, y, torch.float32, "compiled output")
     assert_close(twin.bn.running_var, fast.bn.running_var, torch.float32, "running_var")
@@ -193,5 +221,8 @@ def test_torch_compile_fullgraph_matches_eager():
     xf = x.clone().requires_grad_()
     fast(xf).square().sum().backward()
     assert_close(xg.grad, xf.grad, torch.float32, "compiled grad")
+    assert xg.grad.stride() == xf.grad.stride()
     fast.eval(), twin.eval()
-    assert_close(compiled(x), fast(x), torch.float32, "compiled eval")
+    yc, y = compiled(x), fast(x)
+    assert_close(yc, y, torch.float32, "compiled eval")
+    assert yc.stride() == y.stride() == torch.empty_like(x).stride()

@@ -197,10 +197,13 @@ class AB:
         running_mean: ArrayLike,
         running_var: ArrayLike,
         training: bool,
+        channels_last: bool = False,
     ) -> Tuple[Array, Array, Array, Array, Array]:
-        """``x`` ``[N, C, H, W]``. Returns ``(out, pooled, mean, invstd, var_unbiased)``:
-        ``out`` like ``x``; ``pooled`` ``[N, C]`` and ``mean``/``invstd`` ``[C]`` for
-        ``backward``; ``var_unbiased`` ``[C]`` in training, empty in eval."""
+        """``x`` ``[N, C, H, W]``, or ``[N, H, W, C]`` with ``channels_last=True`` (the
+        memory order of a torch ``channels_last`` map). Returns ``(out, pooled, mean,
+        invstd, var_unbiased)``: ``out`` like ``x``; ``pooled`` ``[N, C]`` and
+        ``mean``/``invstd`` ``[C]`` for ``backward``; ``var_unbiased`` ``[C]`` in
+        training, empty in eval."""
     def backward(
         self,
         grad_out: ArrayLike,
@@ -213,9 +216,11 @@ class AB:
         bn_weight: ArrayLike,
         bn_bias: ArrayLike,
         training: bool,
+        channels_last: bool = False,
     ) -> Tuple[Array, Array, Array, Array, Array]:
-        """Returns ``(grad_x, grad_conv_weight [C, C/groups, 1, 1], grad_conv_bias
-        ([C], empty without a bias), grad_bn_weight, grad_bn_bias)``."""
+        """``grad_out`` and ``x`` in the forward's layout. Returns ``(grad_x,
+        grad_conv_weight [C, C/groups, 1, 1], grad_conv_bias ([C], empty without a
+        bias), grad_bn_weight, grad_bn_bias)``."""
 
 class AFI:
     """Attentive Feature Integration kernels: fuse M >= 1 same-shape maps (a list of

@@ -284,6 +284,34 @@ def to_array(t: torch.Tensor):
     return t.detach().contiguous()
 
 
+def is_channels_last(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a 4-d CPU map in torch's ``channels_last`` memory format (and
+    not also plainly contiguous, as maps with one channel or one pixel are): the
+    kernels then read and write it in that order (``[N, H, W, C]`` in memory) instead
+    of copying it to ``[N, C, H, W]``."""
+    return (
+        t.dim() == 4
+        and t.is_cpu
+        and not t.is_contiguous()
+        and t.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
+def map_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def to_nhwc(t: torch.Tensor) -> torch.Tensor:
+    """A ``channels_last`` ``[N, C, H, W]`` map as the contiguous ``[N, H, W, C]`` view
+    of its memory."""
+    return t.permute(0, 2, 3, 1)
+
+
+def from_nhwc(t: torch.Tensor) -> torch.Tensor:
+    """A kernel's ``[N, H, W, C]`` result as the ``channels_last`` ``[N, C, H, W]`` map."""
+    return t.permute(0, 3, 1, 2)
+
+
 def from_array(a) -> torch.Tensor:
     """A kernel result as a tensor, without a copy: a NumPy array (CPU) or a DLPack
     capsule (CUDA)."""

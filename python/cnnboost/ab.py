@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from . import _core
 from . import reference
-from ._torch import autocast_input, core_for, check_bool, check_eps, check_int, check_momentum, sync_active, synced_batch_norm, check_tensor, from_array, kernel_op, refuse_scripting, to_array, torch_ops_active, update_running_stats
+from ._torch import autocast_input, core_for, check_bool, check_eps, check_int, check_momentum, sync_active, synced_batch_norm, check_tensor, from_array, from_nhwc, is_channels_last, kernel_op, map_format, refuse_scripting, to_array, to_nhwc, torch_ops_active, update_running_stats
 
 __all__ = ["AB"]
 
@@ -37,21 +37,25 @@ def ab_forward(
     groups: int,
     eps: float,
     training: bool,
+    channels_last: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (out, pooled, mean, invstd, var_unbiased); var_unbiased is empty in eval."""
+    """Returns (out, pooled, mean, invstd, var_unbiased); var_unbiased is empty in eval.
+    ``channels_last``: ``x`` is a CPU ``channels_last`` map, read (and ``out`` written)
+    in that memory order."""
     k = _kernels(core_for(x), x.shape[1], groups, eps)
-    arrays = k.forward(
-        to_array(x), to_array(conv_weight), _np(conv_bias), to_array(bn_weight), to_array(bn_bias),
-        to_array(running_mean), to_array(running_var), training,
+    out, *rest = k.forward(
+        to_array(to_nhwc(x) if channels_last else x), to_array(conv_weight), _np(conv_bias), to_array(bn_weight),
+        to_array(bn_bias), to_array(running_mean), to_array(running_var), training, channels_last,
     )
-    return tuple(from_array(a) for a in arrays)  # type: ignore[return-value]
+    out = from_nhwc(from_array(out)) if channels_last else from_array(out)
+    return (out, *(from_array(a) for a in rest))  # type: ignore[return-value]
 
 
 @ab_forward.register_fake
-def _(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, groups, eps, training):
+def _(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, groups, eps, training, channels_last):
     n, c = x.shape[0], x.shape[1]
     return (
-        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(x, memory_format=map_format(channels_last)),
         x.new_empty((n, c)),
         x.new_empty((c,)),
         x.new_empty((c,)),
@@ -73,21 +77,26 @@ def ab_backward(
     groups: int,
     eps: float,
     training: bool,
+    channels_last: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (grad_x, grad_conv_weight, grad_conv_bias (empty without a bias),
-    grad_bn_weight, grad_bn_bias)."""
+    grad_bn_weight, grad_bn_bias); ``grad_out`` and ``x`` in the forward's layout."""
     k = _kernels(core_for(x), x.shape[1], groups, eps)
-    arrays = k.backward(
+    if channels_last:
+        grad_out, x = to_nhwc(grad_out), to_nhwc(x)
+    gx, *rest = k.backward(
         to_array(grad_out), to_array(x), to_array(pooled), to_array(mean), to_array(invstd),
-        to_array(conv_weight), _np(conv_bias), to_array(bn_weight), to_array(bn_bias), training,
+        to_array(conv_weight), _np(conv_bias), to_array(bn_weight), to_array(bn_bias), training, channels_last,
     )
-    return tuple(from_array(a) for a in arrays)  # type: ignore[return-value]
+    gx = from_nhwc(from_array(gx)) if channels_last else from_array(gx)
+    return (gx, *(from_array(a) for a in rest))  # type: ignore[return-value]
 
 
 @ab_backward.register_fake
-def _(grad_out, x, pooled, mean, invstd, conv_weight, conv_bias, bn_weight, bn_bias, groups, eps, training):
+def _(grad_out, x, pooled, mean, invstd, conv_weight, conv_bias, bn_weight, bn_bias, groups, eps, training,
+      channels_last):
     return (
-        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(x, memory_format=map_format(channels_last)),
         torch.empty_like(conv_weight),
         x.new_empty((x.shape[1],) if conv_bias is not None else (0,)),
         torch.empty_like(bn_weight),
@@ -96,18 +105,19 @@ def _(grad_out, x, pooled, mean, invstd, conv_weight, conv_bias, bn_weight, bn_b
 
 
 def _setup_context(ctx, inputs, output):
-    x, conv_weight, conv_bias, bn_weight, bn_bias, _, _, groups, eps, training = inputs
+    x, conv_weight, conv_bias, bn_weight, bn_bias, _, _, groups, eps, training, channels_last = inputs
     _, pooled, mean, invstd, _ = output
     ctx.save_for_backward(x, pooled, mean, invstd, conv_weight, conv_bias, bn_weight, bn_bias)
-    ctx.config = (groups, eps, training)
+    ctx.config = (groups, eps, training, channels_last)
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _backward(ctx, grad_out, *_):
     x, pooled, mean, invstd, conv_weight, conv_bias, bn_weight, bn_bias = ctx.saved_tensors
-    gx, gw, gb, gbw, gbb = ab_backward(grad_out.contiguous(), x, pooled, mean, invstd, conv_weight, conv_bias,
+    grad_out = grad_out.contiguous(memory_format=map_format(ctx.config[-1]))
+    gx, gw, gb, gbw, gbb = ab_backward(grad_out, x, pooled, mean, invstd, conv_weight, conv_bias,
                                        bn_weight, bn_bias, *ctx.config)
-    return gx, gw, (gb if conv_bias is not None else None), gbw, gbb, None, None, None, None, None
+    return gx, gw, (gb if conv_bias is not None else None), gbw, gbb, None, None, None, None, None, None
 
 
 ab_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -175,7 +185,8 @@ class AB(nn.Module):
         if torch_ops_active():
             return reference.AB.forward(self, x)
         out, _, mean, _, var = ab_forward(x, self.conv.weight, self.conv.bias, bn.weight, bn.bias,
-                                          bn.running_mean, bn.running_var, self.groups, bn.eps, self.training)
+                                          bn.running_mean, bn.running_var, self.groups, bn.eps, self.training,
+                                          is_channels_last(x))
         if self.training:
             update_running_stats(bn, mean, var)
         return out

@@ -42,6 +42,7 @@ struct ForwardArgs<'a, 'py> {
     running_mean: &'a Bound<'py, PyAny>,
     running_var: &'a Bound<'py, PyAny>,
     training: bool,
+    channels_last: bool,
 }
 
 /// The arguments of `AB.backward` after `grad_out`.
@@ -52,6 +53,7 @@ struct BackwardArgs<'a, 'py> {
     invstd: &'a Bound<'py, PyAny>,
     params: ParamArgs<'a, 'py>,
     training: bool,
+    channels_last: bool,
 }
 
 /// The parameters of one call, read and checked (NumPy arrays or CUDA tensors,
@@ -105,22 +107,25 @@ fn read_saved<'py, R: Reader<'py>>(
 }
 
 impl Ab {
-    fn config(&self, training: bool) -> Config {
-        Config { channels: self.channels, groups: self.groups, eps: self.eps, training }
+    fn config(&self, training: bool, channels_last: bool) -> Config {
+        Config { channels: self.channels, groups: self.groups, eps: self.eps, training, channels_last }
     }
 
-    /// `(N, H*W)` of an `[N, C, H, W]` map with this block's channel count.
-    fn map_dims(&self, arg: &str, shape: &[usize]) -> PyResult<(usize, usize)> {
-        let s = expect_rank(arg, shape, 4, "[N, C, H, W]")?;
-        if s[1] != self.channels {
+    /// `(N, H*W)` of an `[N, C, H, W]` map (`[N, H, W, C]` when `channels_last`) with
+    /// this block's channel count.
+    fn map_dims(&self, arg: &str, shape: &[usize], channels_last: bool) -> PyResult<(usize, usize)> {
+        let (layout, c_dim, (h, w)) =
+            if channels_last { ("[N, H, W, C]", 3, (1, 2)) } else { ("[N, C, H, W]", 1, (2, 3)) };
+        let s = expect_rank(arg, shape, 4, layout)?;
+        if s[c_dim] != self.channels {
             return Err(PyValueError::new_err(format!(
-                "{arg}: expected {} channels in dim 1, got shape {}",
+                "{arg}: expected {} channels in dim {c_dim}, got shape {}",
                 self.channels,
                 super::array::fmt_shape(shape)
             )));
         }
         let hw =
-            s[2].checked_mul(s[3]).ok_or_else(|| PyValueError::new_err(format!("{arg}: H*W overflows")))?;
+            s[h].checked_mul(s[w]).ok_or_else(|| PyValueError::new_err(format!("{arg}: H*W overflows")))?;
         Ok((s[0], hw))
     }
 }
@@ -133,12 +138,12 @@ fn forward_t<'py, T: Element + Float>(
     let py = x.py();
     let xa = input::<T>(x, "x")?;
     let shape = xa.shape().to_vec();
-    let (n, hw) = ab.map_dims("x", &shape)?;
+    let (n, hw) = ab.map_dims("x", &shape, a.channels_last)?;
     let r = Host::<T>::new();
     let call = CallParams::read(&r, ab, a.params)?;
     let rm = r.shaped(a.running_mean, "running_mean", &[ab.channels])?;
     let rv = r.shaped(a.running_var, "running_var", &[ab.channels])?;
-    let cfg = ab.config(a.training);
+    let cfg = ab.config(a.training, a.channels_last);
     let (xs, p, running) = (xa.slice(), call.params(), Running { mean: rm.slice(), var: rv.slice() });
     let f = compute(py, || backend!(ab::forward, candle_ab::forward_host, (&cfg, xs, n, hw, &p, running)))?
         .map_err(to_py_err)?;
@@ -165,13 +170,13 @@ fn backward_t<'py, T: Element + Float>(
     let go = input::<T>(grad_out, "grad_out")?;
     let xa = input::<T>(a.x, "x")?;
     let shape = xa.shape().to_vec();
-    let (n, hw) = ab.map_dims("x", &shape)?;
+    let (n, hw) = ab.map_dims("x", &shape, a.channels_last)?;
     expect_shape("grad_out", go.shape(), &shape)?;
     let c = ab.channels;
     let r = Host::<T>::new();
     let (y, mu, is) = read_saved(&r, ab, n, a)?;
     let call = CallParams::read(&r, ab, a.params)?;
-    let cfg = ab.config(a.training);
+    let cfg = ab.config(a.training, a.channels_last);
     let (gos, xs, ys, mus, iss, p) =
         (go.slice(), xa.slice(), y.slice(), mu.slice(), is.slice(), call.params());
     let g = compute(py, || {
@@ -231,11 +236,13 @@ impl Ab {
         format!("AB(channels={}, groups={}, eps={})", self.channels, self.groups, super::py_float(self.eps))
     }
 
-    /// Forward of `x` `[N, C, H, W]`. Returns `(out, pooled, mean, invstd,
-    /// var_unbiased)`: `out` like `x`; `pooled` `[N, C]`, `mean`/`invstd` `[C]` (the
-    /// batch's in training, from the running statistics in eval) for `backward`;
-    /// `var_unbiased` `[C]` in training (for the running update), empty in eval.
-    #[pyo3(signature = (x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training))]
+    /// Forward of `x` `[N, C, H, W]` (`[N, H, W, C]` with `channels_last=True`: a
+    /// torch `channels_last` map permuted to its memory order). Returns `(out, pooled,
+    /// mean, invstd, var_unbiased)`: `out` like `x`; `pooled` `[N, C]`,
+    /// `mean`/`invstd` `[C]` (the batch's in training, from the running statistics in
+    /// eval) for `backward`; `var_unbiased` `[C]` in training (for the running
+    /// update), empty in eval.
+    #[pyo3(signature = (x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training, channels_last = false))]
     #[allow(clippy::too_many_arguments)]
     fn forward<'py>(
         &self,
@@ -247,15 +254,17 @@ impl Ab {
         running_mean: &Bound<'py, PyAny>,
         running_var: &Bound<'py, PyAny>,
         training: bool,
+        channels_last: bool,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let params = ParamArgs { conv_weight, conv_bias, bn_weight, bn_bias };
-        let args = ForwardArgs { params, running_mean, running_var, training };
+        let args = ForwardArgs { params, running_mean, running_var, training, channels_last };
         dispatch!(x, "x", forward_t(self, &args) | forward_cuda)
     }
 
-    /// Backward. Returns `(grad_x, grad_conv_weight [C, C/groups, 1, 1],
-    /// grad_conv_bias ([C], or empty without a bias), grad_bn_weight, grad_bn_bias)`.
-    #[pyo3(signature = (grad_out, x, pooled, mean, invstd, conv_weight, conv_bias, bn_weight, bn_bias, training))]
+    /// Backward (`grad_out` and `x` in the forward's layout). Returns `(grad_x,
+    /// grad_conv_weight [C, C/groups, 1, 1], grad_conv_bias ([C], or empty without a
+    /// bias), grad_bn_weight, grad_bn_bias)`.
+    #[pyo3(signature = (grad_out, x, pooled, mean, invstd, conv_weight, conv_bias, bn_weight, bn_bias, training, channels_last = false))]
     #[allow(clippy::too_many_arguments)]
     fn backward<'py>(
         &self,
@@ -269,9 +278,10 @@ impl Ab {
         bn_weight: &Bound<'py, PyAny>,
         bn_bias: &Bound<'py, PyAny>,
         training: bool,
+        channels_last: bool,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let params = ParamArgs { conv_weight, conv_bias, bn_weight, bn_bias };
-        let args = BackwardArgs { x, pooled, mean, invstd, params, training };
+        let args = BackwardArgs { x, pooled, mean, invstd, params, training, channels_last };
         dispatch!(grad_out, "grad_out", backward_t(self, &args) | backward_cuda)
     }
 }
@@ -289,7 +299,8 @@ fn forward_cuda<'py>(
     let like = (xa.dtype(), xa.device_id);
     let shape = xa.dims().to_vec();
     dlpack::expect_samples("x", &shape)?;
-    let (n, hw) = ab.map_dims("x", &shape)?;
+    no_channels_last_on_cuda(a.channels_last)?;
+    let (n, hw) = ab.map_dims("x", &shape, false)?;
     let c = ab.channels;
     if a.training && n < 2 {
         return Err(PyValueError::new_err(format!(
@@ -300,7 +311,7 @@ fn forward_cuda<'py>(
     let p = cuda_params(&r, ab, a.params)?;
     let rm = r.shaped(a.running_mean, "running_mean", &[c])?;
     let rv = r.shaped(a.running_var, "running_var", &[c])?;
-    let cfg = ab.config(a.training);
+    let cfg = ab.config(a.training, false);
     let dev = xa.device().clone();
     let f = run(py, &dev, || candle_ab::forward(&cfg, &xa.reshape((n, c, hw))?, &p.params, (&rm, &rv)))?;
     let id = xa.device_id;
@@ -334,13 +345,14 @@ fn backward_cuda<'py>(
     let xa = dlpack::input(a.x, "x", Some(like))?;
     let shape = xa.dims().to_vec();
     dlpack::expect_samples("x", &shape)?;
-    let (n, hw) = ab.map_dims("x", &shape)?;
+    no_channels_last_on_cuda(a.channels_last)?;
+    let (n, hw) = ab.map_dims("x", &shape, false)?;
     dlpack::expect_shape("grad_out", &go, &shape)?;
     let c = ab.channels;
     let r = dlpack::Cuda { like: Some(like) };
     let (y, mu, is) = read_saved(&r, ab, n, a)?;
     let p = cuda_params(&r, ab, a.params)?;
-    let cfg = ab.config(a.training);
+    let cfg = ab.config(a.training, false);
     let dev = xa.device().clone();
     let dims = (n, c, hw);
     let g = run(py, &dev, || {
@@ -361,6 +373,18 @@ fn backward_cuda<'py>(
             dlpack::output(py, g.bn_bias, &[c], id)?,
         ],
     )
+}
+
+/// The CUDA build computes on `[N, C, H, W]` maps only (the Python modules pass
+/// CUDA tensors in that layout).
+#[cfg(feature = "cuda")]
+fn no_channels_last_on_cuda(channels_last: bool) -> PyResult<()> {
+    if channels_last {
+        return Err(PyValueError::new_err(
+            "channels_last: expected False for CUDA tensors (the CUDA build takes [N, C, H, W] maps), got True",
+        ));
+    }
+    Ok(())
 }
 
 /// The CUDA parameters of one call, read in place and checked; `params` holds

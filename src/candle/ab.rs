@@ -126,6 +126,26 @@ fn params_on<T: Float>(cfg: &Config, p: &rayon_ab::Params<T>, dev: &Device) -> R
     })
 }
 
+/// A host map in `cfg`'s layout as the `[N, C, HW]` tensor the functions above take
+/// (a transposed view of a channels-last map).
+fn map_in<T: Float>(cfg: &Config, x: &[T], n: usize, hw: usize, dev: &Device) -> Result<Tensor> {
+    let c = cfg.channels;
+    if cfg.channels_last {
+        tensor(x, &[n, hw, c], dev)?.transpose(1, 2).map_err(err)
+    } else {
+        tensor(x, &[n, c, hw], dev)
+    }
+}
+
+/// An `[N, C, HW]` result on the host, in `cfg`'s layout.
+fn map_out<T: Float>(cfg: &Config, t: &Tensor) -> Result<Vec<T>> {
+    if cfg.channels_last {
+        host(&t.transpose(1, 2).and_then(|t| t.contiguous()).map_err(err)?)
+    } else {
+        host(t)
+    }
+}
+
 /// [`forward`] on the CPU device with `kernels::ab::forward`'s signature.
 pub fn forward_host<T: Float>(
     cfg: &Config,
@@ -140,11 +160,11 @@ pub fn forward_host<T: Float>(
     crate::kernels::check_len("running_mean", running.mean, &[c])?;
     crate::kernels::check_len("running_var", running.var, &[c])?;
     let dev = Device::Cpu;
-    let xt = tensor(x, &[n, c, hw], &dev)?;
+    let xt = map_in(cfg, x, n, hw, &dev)?;
     let (rm, rv) = (tensor(running.mean, &[c], &dev)?, tensor(running.var, &[c], &dev)?);
     let f = forward(cfg, &xt, &params_on(cfg, p, &dev)?, (&rm, &rv)).map_err(err)?;
     Ok(rayon_ab::Forward {
-        out: host(&f.out)?,
+        out: map_out(cfg, &f.out)?,
         pooled: host(&f.pooled)?,
         mean: host(&f.mean)?,
         invstd: host(&f.invstd)?,
@@ -170,8 +190,8 @@ pub fn backward_host<T: Float>(
     let dev = Device::Cpu;
     let g = backward(
         cfg,
-        &tensor(grad_out, &[n, c, hw], &dev)?,
-        &tensor(x, &[n, c, hw], &dev)?,
+        &map_in(cfg, grad_out, n, hw, &dev)?,
+        &map_in(cfg, x, n, hw, &dev)?,
         &params_on(cfg, p, &dev)?,
         &tensor(pooled, &[n, c], &dev)?,
         &tensor(mean, &[c], &dev)?,
@@ -179,7 +199,7 @@ pub fn backward_host<T: Float>(
     )
     .map_err(err)?;
     Ok(rayon_ab::Grads {
-        x: host(&g.x)?,
+        x: map_out(cfg, &g.x)?,
         conv_weight: host(&g.conv_weight)?,
         conv_bias: g.conv_bias.as_ref().map(host).transpose()?.unwrap_or_default(),
         bn_weight: host(&g.bn_weight)?,
@@ -192,8 +212,8 @@ mod tests {
     use super::*;
     use crate::candle::testing::{close, rand, tol};
 
-    fn check<T: Float>(n: usize, c: usize, hw: usize, groups: usize, bias: bool, training: bool) {
-        let cfg = Config { channels: c, groups, eps: 1e-5, training };
+    fn check<T: Float>(n: usize, c: usize, hw: usize, groups: usize, bias: bool, training: bool, last: bool) {
+        let cfg = Config { channels: c, groups, eps: 1e-5, training, channels_last: last };
         let x: Vec<T> = rand(n * c * hw, 1);
         let w: Vec<T> = rand(c * c / groups, 2);
         let b: Vec<T> = rand(c, 3);
@@ -230,15 +250,17 @@ mod tests {
     fn candle_matches_rayon() {
         for training in [true, false] {
             for (groups, bias) in [(6, false), (1, true), (2, false), (3, true)] {
-                check::<f64>(5, 6, 9, groups, bias, training);
-                check::<f32>(4, 6, 7, groups, bias, training);
+                for last in [false, true] {
+                    check::<f64>(5, 6, 9, groups, bias, training, last);
+                    check::<f32>(4, 6, 7, groups, bias, training, last);
+                }
             }
         }
     }
 
     #[test]
     fn errors_are_the_rayon_kernels() {
-        let cfg = Config { channels: 4, groups: 4, eps: 1e-5, training: true };
+        let cfg = Config { channels: 4, groups: 4, eps: 1e-5, training: true, channels_last: false };
         let v = [0.0f32; 16];
         let p =
             rayon_ab::Params { conv_weight: &v[..4], conv_bias: None, bn_weight: &v[..4], bn_bias: &v[..4] };

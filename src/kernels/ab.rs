@@ -15,6 +15,7 @@
 //! recomputed from them.
 
 use super::batchnorm;
+use super::channels_last;
 use super::gemm::{matmul, matmul_serial, Mat};
 use super::pool::{global_avg_pool, plane_dots, plane_mean, scale_planes};
 use super::{check_len, checked_numel, column_totals, output_buffer, stream, Error, Float, Result};
@@ -29,6 +30,9 @@ pub struct Config {
     pub groups: usize,
     pub eps: f64,
     pub training: bool,
+    /// The maps are channels-last, `[N, H, W, C]` in memory (torch's `channels_last`),
+    /// rather than `[N, C, H, W]`.
+    pub channels_last: bool,
 }
 
 /// The parameters, read in place. `conv_weight` is torch's Conv2d weight
@@ -162,7 +166,7 @@ pub fn forward<T: Float>(
         let (out, pooled) = forward_eval_per_sample(cfg, x, n, hw, p, (&mean, &invstd));
         return Ok(Forward { out, pooled, mean, invstd, var_unbiased: Vec::new() });
     }
-    let pooled = global_avg_pool(x, hw);
+    let pooled = if cfg.channels_last { channels_last::pool(x, n, hw, c) } else { global_avg_pool(x, hw) };
     let t = conv(cfg, &pooled, n, p, false);
     let (mean, invstd, var_unbiased) = if cfg.training {
         let s = batchnorm::batch_stats(&t, n, c, c, cfg.eps);
@@ -171,7 +175,11 @@ pub fn forward<T: Float>(
         (running.mean.to_vec(), batchnorm::eval_invstd(running.var, cfg.eps), Vec::new())
     };
     let gate = batchnorm::normalize(&t, n, c, c, &mean, &invstd, p.bn_weight, p.bn_bias, sigmoid);
-    let out = scale_planes(x, &gate, None, hw);
+    let out = if cfg.channels_last {
+        channels_last::scale(x, &gate, None, n, hw, c)
+    } else {
+        scale_planes(x, &gate, None, hw)
+    };
     Ok(Forward { out, pooled, mean, invstd, var_unbiased })
 }
 
@@ -198,12 +206,24 @@ fn forward_eval_per_sample<T: Float>(
     // `normalize`'s affine form of the batch norm, for the per-plane path.
     let scale: Vec<T> = invstd.iter().zip(p.bn_weight).map(|(&s, &g)| s * g).collect();
     let shift: Vec<T> = (0..c).map(|j| p.bn_bias[j] - mean[j] * scale[j]).collect();
-    let streaming = stream::worth_it::<T>(x.len(), hw);
+    let streaming = stream::worth_it::<T>(x.len(), if cfg.channels_last { c } else { hw });
     out.spare_capacity_mut()[..n * sample]
         .par_chunks_mut(sample)
         .zip(pooled.par_chunks_mut(c))
         .zip(x.par_chunks(sample))
         .for_each(|((o, y), xs)| {
+            if cfg.channels_last {
+                // The sample is an HW × C matrix: its channel means, the gate, then
+                // every row scaled by the gate.
+                channels_last::sample_means_into(xs, hw, y);
+                let t = conv(cfg, y, 1, p, true);
+                let gate = batchnorm::normalize(&t, 1, c, c, mean, invstd, p.bn_weight, p.bn_bias, sigmoid);
+                channels_last::scale_rows_into(o, xs, &gate, None, streaming);
+                if streaming {
+                    stream::fence();
+                }
+                return;
+            }
             let scale_plane = |op: &mut [MaybeUninit<T>], sp: &[T], g: T| {
                 if streaming {
                     stream::fill(op, |at, vals| {
@@ -268,7 +288,11 @@ pub fn backward<T: Float>(
     let t = conv(cfg, pooled, n, p, false);
     let gate = batchnorm::normalize(&t, n, c, c, mean, invstd, p.bn_weight, p.bn_bias, sigmoid);
     // Pass 1 over the maps: the gradient of each gate value.
-    let dgate = plane_dots(grad_out, x, hw);
+    let dgate = if cfg.channels_last {
+        channels_last::dots(grad_out, x, n, hw, c)
+    } else {
+        plane_dots(grad_out, x, hw)
+    };
     let dz: Vec<T> = dgate.iter().zip(&gate).map(|(&d, &s)| T::of(d) * s * (T::one() - s)).collect();
     let bn = batchnorm::backward(&dz, &t, n, c, c, mean, invstd, p.bn_weight, cfg.training);
     let dt = bn.dx;
@@ -300,7 +324,11 @@ pub fn backward<T: Float>(
     // Pass 2: grad_x = gate · grad_out + dy / HW.
     let inv_hw = T::of(1.0 / hw as f64);
     let shift: Vec<T> = dy.iter().map(|&v| v * inv_hw).collect();
-    let x_grad = scale_planes(grad_out, &gate, Some(&shift), hw);
+    let x_grad = if cfg.channels_last {
+        channels_last::scale(grad_out, &gate, Some(&shift), n, hw, c)
+    } else {
+        scale_planes(grad_out, &gate, Some(&shift), hw)
+    };
     Ok(Grads { x: x_grad, conv_weight, conv_bias, bn_weight: bn.dgamma, bn_bias: bn.dbeta })
 }
 
@@ -337,7 +365,7 @@ mod tests {
         fn new(seed: u64, n: usize, c: usize, hw: usize, groups: usize, bias: bool, training: bool) -> Self {
             let mut r = Lcg(seed);
             Case {
-                cfg: Config { channels: c, groups, eps: 1e-5, training },
+                cfg: Config { channels: c, groups, eps: 1e-5, training, channels_last: false },
                 n,
                 hw,
                 x: r.vec(n * c * hw, 1.0, 0.2),
@@ -441,6 +469,68 @@ mod tests {
             assert_eq!((&per_sample.mean, &per_sample.invstd), (&two_pass.mean, &two_pass.invstd));
             for (a, b) in per_sample.out.iter().zip(case.naive()) {
                 assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+            }
+        }
+    }
+
+    /// `[n, c, hw]` → `[n, hw, c]`.
+    fn to_channels_last(x: &[f64], n: usize, c: usize, hw: usize) -> Vec<f64> {
+        let mut out = vec![0.0; x.len()];
+        for i in 0..n {
+            for j in 0..c {
+                for q in 0..hw {
+                    out[(i * hw + q) * c + j] = x[(i * c + j) * hw + q];
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn channels_last_maps_give_the_channels_first_results() {
+        // Training and both eval forwards (1 thread: per sample; n + 1: two passes),
+        // depthwise, grouped and AB-Plus, forward and backward, streamed or not.
+        for (seed, n, c, hw, g) in
+            [(31, 3, 4, 70, 4), (32, 2, 6, 9, 2), (33, 4, 16, 49, 1), (34, 2, 3, 600, 3)]
+        {
+            for training in [true, false] {
+                let case = Case::new(seed, n, c, hw, g, seed % 2 == 0, training);
+                let go: Vec<f64> = Lcg(seed + 100).vec(n * c * hw, 1.0, 0.0);
+                let last = Config { channels_last: true, ..case.cfg };
+                let (xl, gl) = (to_channels_last(&case.x, n, c, hw), to_channels_last(&go, n, c, hw));
+                for (threads, streaming) in [(1, false), (n + 1, false), (1, true), (n + 1, true)] {
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                    let run = |cfg: &Config, x: &[f64], go: &[f64]| {
+                        pool.install(|| {
+                            stream::forced(streaming, || {
+                                let p = case.params();
+                                let f = forward(cfg, x, n, hw, &p, case.running()).unwrap();
+                                let gr =
+                                    backward(cfg, go, x, n, hw, &p, &f.pooled, &f.mean, &f.invstd).unwrap();
+                                (f, gr)
+                            })
+                        })
+                    };
+                    let (f0, g0) = run(&case.cfg, &case.x, &go);
+                    let (f1, g1) = run(&last, &xl, &gl);
+                    let what = format!("seed {seed}, training {training}, threads {threads}");
+                    let close = |a: &[f64], b: &[f64], name: &str| {
+                        assert_eq!(a.len(), b.len(), "{name}, {what}");
+                        for (p, q) in a.iter().zip(b) {
+                            assert!((p - q).abs() < 1e-12, "{name}: {p} vs {q}, {what}");
+                        }
+                    };
+                    close(&f1.out, &to_channels_last(&f0.out, n, c, hw), "out");
+                    close(&f1.pooled, &f0.pooled, "pooled");
+                    close(&f1.mean, &f0.mean, "mean");
+                    close(&f1.invstd, &f0.invstd, "invstd");
+                    close(&f1.var_unbiased, &f0.var_unbiased, "var_unbiased");
+                    close(&g1.x, &to_channels_last(&g0.x, n, c, hw), "grad x");
+                    close(&g1.conv_weight, &g0.conv_weight, "grad conv_weight");
+                    close(&g1.conv_bias, &g0.conv_bias, "grad conv_bias");
+                    close(&g1.bn_weight, &g0.bn_weight, "grad bn_weight");
+                    close(&g1.bn_bias, &g0.bn_bias, "grad bn_bias");
+                }
             }
         }
     }

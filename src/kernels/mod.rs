@@ -12,6 +12,7 @@
 pub mod ab;
 pub mod afi;
 pub mod batchnorm;
+pub mod channels_last;
 pub mod error;
 pub mod ffc;
 pub mod gemm;
