@@ -17,16 +17,17 @@ HEADS = {
 }
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("head", sorted(HEADS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_leaf_input_gets_a_full_contiguous_gradient(head, dtype):
+def test_leaf_input_gets_a_full_gradient_in_its_layout(head, dtype, layout):
     fast, ref = HEADS[head](dtype)
-    x = torch.randn(6, 12, 3, 4, dtype=dtype, requires_grad=True)
+    x = torch.randn(6, 12, 3, 4, dtype=dtype).contiguous(memory_format=layout).requires_grad_()
     x_ref = x.detach().clone().requires_grad_()
     weight = torch.randn(6, 5, dtype=dtype)
     (fast(x) * weight).sum().backward()
     (ref(x_ref) * weight).sum().backward()
-    assert x.grad.is_contiguous() and x.grad.shape == x.shape
+    assert x.grad.is_contiguous(memory_format=layout) and x.grad.shape == x.shape
     assert_close(x.grad, x_ref.grad, dtype, "grad of x")
 
 
@@ -58,6 +59,9 @@ def test_core_expand_planes(dtype):
     assert out.dtype == dtype and out.shape == (3, 4, 5)
     np.testing.assert_array_equal(out, np.repeat(values[:, :, None], 5, axis=2))
     assert _core.expand_planes(values, 0).shape == (3, 4, 0)
+    rows = _core.expand_planes(values, 5, channels_last=True)
+    assert rows.dtype == dtype and rows.shape == (3, 5, 4)
+    np.testing.assert_array_equal(rows, np.repeat(values[:, None, :], 5, axis=1))
 
 
 def test_core_expand_planes_bad_input_names_the_argument():
@@ -65,7 +69,10 @@ def test_core_expand_planes_bad_input_names_the_argument():
         _core.expand_planes(np.zeros((2, 2)), -1)
     with pytest.raises(TypeError, match="values"):
         _core.expand_planes(np.zeros((2, 2), dtype=np.int32), 3)
+    with pytest.raises(ValueError, match=r"values: expected .*\[N, C\]"):
+        _core.expand_planes(np.zeros((2, 2, 2)), 3, channels_last=True)
 
 
-def test_expand_planes_op_passes_opcheck():
-    torch.library.opcheck(expand_planes.custom, (torch.randn(3, 4), 6))
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_expand_planes_op_passes_opcheck(channels_last):
+    torch.library.opcheck(expand_planes.custom, (torch.randn(3, 4), 6, channels_last))

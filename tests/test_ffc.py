@@ -98,14 +98,43 @@ def test_vote_ties_follow_the_most_confident_output(dtype):
 
 
 @pytest.mark.usefixtures("each_backend")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["train", "eval-mean", "vote"])
+@pytest.mark.parametrize("seed", range(4))
+def test_channels_last_maps_match_reference(dtype, mode, seed):
+    """A channels_last map is pooled in its own memory order, and its gradient keeps
+    that layout, as the reference's does."""
+    case = dict(random_case(200 + seed), spatial=random.Random(seed).choice([(3, 2), (5, 5), (7, 7)]))
+    ensemble = "vote" if mode == "vote" else "mean"
+    fast, ref = twins(cnnboost.FFC, reference.FFC, case["c"], case["k"], case["num_filters"],
+                      eval_ensemble=ensemble, dtype=dtype, seed=seed)
+    made = []
+
+    def make():
+        x = torch.randn((case["n"], case["c"]) + case["spatial"], dtype=dtype)
+        made.append(x.contiguous(memory_format=torch.channels_last).requires_grad_())
+        return made[-1:]
+
+    out, out_ref = compare(fast, ref, make, train=mode == "train")
+    if mode == "vote":
+        assert torch.equal(out.argmax(1), out_ref.argmax(1))
+    if made[0].grad is not None:
+        assert made[0].grad.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.usefixtures("each_backend")
 @pytest.mark.parametrize("outputs", ["ensemble", "all"])
-@pytest.mark.parametrize("spatial", [None, (2, 3)])
+@pytest.mark.parametrize("spatial", [None, (2, 3), "channels_last"])
 @pytest.mark.parametrize("combine", ["paper", "plain"])
 def test_gradcheck(outputs, spatial, combine):
     fast = cnnboost.FFC(6, 3, 2, combine=combine, outputs=outputs, dtype=torch.float64)
     from harness import randomize_
     randomize_(fast, 1)
-    x = torch.randn((4, 6) + (spatial or ()), dtype=torch.float64, requires_grad=True)
+    if spatial == "channels_last":
+        x = torch.randn(4, 6, 2, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+        x.requires_grad_()
+    else:
+        x = torch.randn((4, 6) + (spatial or ()), dtype=torch.float64, requires_grad=True)
     params = [p for _, p in sorted(fast.named_parameters())]
 
     def f(x, *ps):

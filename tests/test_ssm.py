@@ -43,6 +43,27 @@ def ssm_twins(case, dtype, seed, **kwargs):
 
 @pytest.mark.usefixtures("each_backend")
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("seed", range(4))
+def test_channels_last_maps_match_reference(dtype, train, seed):
+    """A channels_last map is pooled in its own memory order, and its gradient keeps
+    that layout, as the reference's does."""
+    case = dict(random_case(300 + seed), spatial=random.Random(seed).choice([(3, 2), (5, 5), (7, 7)]))
+    fast, ref = ssm_twins(case, dtype, seed)
+    made = []
+
+    def make():
+        x = torch.randn((case["n"], case["c"]) + case["spatial"], dtype=dtype)
+        made.append(x.contiguous(memory_format=torch.channels_last).requires_grad_())
+        return made[-1:]
+
+    compare(fast, ref, make, train=train)
+    if case["c"] > 1:
+        assert made[0].grad.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.usefixtures("each_backend")
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("norm_last_head", [False, True])
 @pytest.mark.parametrize("outputs", ["ensemble", "all"])
 @pytest.mark.parametrize("seed", range(6))
@@ -107,13 +128,17 @@ def test_last_head_is_raw_by_default():
 @pytest.mark.usefixtures("each_backend")
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("outputs", ["ensemble", "all"])
-@pytest.mark.parametrize("spatial", [None, (2, 3)])
+@pytest.mark.parametrize("spatial", [None, (2, 3), "channels_last"])
 @pytest.mark.parametrize("norm_last_head", [False, True])
 def test_gradcheck(train, outputs, spatial, norm_last_head):
     fast = cnnboost.SSM(6, 3, 3, norm_last_head=norm_last_head, outputs=outputs, dtype=torch.float64)
     randomize_(fast, 1)
     fast.train(train)
-    x = torch.randn((4, 6) + (spatial or ()), dtype=torch.float64, requires_grad=True)
+    if spatial == "channels_last":
+        x = torch.randn(4, 6, 2, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+        x.requires_grad_()
+    else:
+        x = torch.randn((4, 6) + (spatial or ()), dtype=torch.float64, requires_grad=True)
     names = sorted(k for k, _ in fast.named_parameters())
     params = [dict(fast.named_parameters())[k] for k in names]
 

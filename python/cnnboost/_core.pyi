@@ -40,10 +40,11 @@ def get_gemm() -> str:
     """What computes the kernels' matrix products: ``"blas"`` (a registered BLAS;
     ``cnnboost.get_gemm()`` says which) or ``"builtin"`` (the ``gemm`` crate)."""
 
-def expand_planes(values: ArrayLike, hw: int) -> Array:
+def expand_planes(values: ArrayLike, hw: int, channels_last: bool = False) -> Array:
     """``values`` (shape ``S``) with each value repeated ``hw`` times: a new array of
     shape ``S + (hw,)``, the gradient of a global average pooling (``values`` already
-    divided by ``hw``) written out."""
+    divided by ``hw``) written out; with ``channels_last``, ``values`` ``[N, C]`` as
+    the rows of a new ``[N, hw, C]`` array."""
 
 def _set_blas(sgemm: int, dgemm: int, serial: bool = False) -> None:
     """Registers a BLAS's ``sgemm_``/``dgemm_`` by address (``(0, 0)``: back to the
@@ -83,8 +84,10 @@ class FFC:
         fc_weight: ArrayLike,
         fc_bias: ArrayLike,
         outputs: str = "ensemble",
+        channels_last: bool = False,
     ) -> Tuple[Array, Array]:
-        """``x`` ``[N, C]`` or ``[N, C, H, W]``. Returns ``(out, pooled)``: ``out``
+        """``x`` ``[N, C]`` or ``[N, C, H, W]`` (``[N, H, W, C]`` with
+        ``channels_last=True``: a torch ``channels_last`` map in memory order). Returns ``(out, pooled)``: ``out``
         ``[N, K]`` ("ensemble": mean logits) or ``[J, N, K]`` ("all"); ``pooled`` the
         ``[N, C]`` plane means of a 4-d ``x`` (empty for a 2-d ``x``), for ``backward``."""
     def backward(
@@ -103,9 +106,16 @@ class FFC:
         ``grad_x`` is ``[N, C]``: for a 4-d input with ``hw = H*W`` it
         is the gradient of every pixel of each plane (broadcast it over H×W)."""
     def vote(
-        self, x: ArrayLike, ln_weight: ArrayLike, ln_bias: ArrayLike, fc_weight: ArrayLike, fc_bias: ArrayLike
+        self,
+        x: ArrayLike,
+        ln_weight: ArrayLike,
+        ln_bias: ArrayLike,
+        fc_weight: ArrayLike,
+        fc_bias: ArrayLike,
+        channels_last: bool = False,
     ) -> Array:
-        """``[N, K]`` scores whose row-wise argmax is the voted class."""
+        """``[N, K]`` scores whose row-wise argmax is the voted class (``x`` as in
+        ``forward``)."""
 
 class SSM:
     """Split-and-Share Module kernels. Holds only the hyper-parameters; parameters are
@@ -140,8 +150,10 @@ class SSM:
         running_vars: ArrayList,
         training: bool = True,
         outputs: str = "ensemble",
+        channels_last: bool = False,
     ) -> Tuple[Array, Array, Array, Array, Array]:
-        """``x`` ``[N, C]`` or ``[N, C, H, W]``. Returns ``(out, mean, invstd, var,
+        """``x`` ``[N, C]`` or ``[N, C, H, W]`` (``[N, H, W, C]`` with
+        ``channels_last=True``). Returns ``(out, mean, invstd, var,
         pooled)``: ``out`` ``[N, K]`` ("ensemble": the heads' mean logits) or
         ``[G, N, K]`` ("all"); ``mean``/``invstd`` what normalised each normalised head
         (batch statistics in training, running ones in eval), concatenated head after

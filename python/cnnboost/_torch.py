@@ -238,30 +238,38 @@ def _not_differentiable(name: str, grads):
 
 
 @kernel_op("cnnboost::expand_planes")
-def expand_planes(values: torch.Tensor, hw: int) -> torch.Tensor:
-    """``values`` ``[N, C]`` repeated over ``hw`` pixels: a new ``[N, C, hw]`` tensor."""
+def expand_planes(values: torch.Tensor, hw: int, channels_last: bool) -> torch.Tensor:
+    """``values`` ``[N, C]`` repeated over ``hw`` pixels: a new ``[N, C, hw]`` tensor
+    (``[N, hw, C]`` when ``channels_last``)."""
     if values.device.type == "cpu":
         from . import _core
 
-        return from_array(_core.expand_planes(to_array(values), hw))
+        return from_array(_core.expand_planes(to_array(values), hw, channels_last))
+    if channels_last:
+        return values[:, None, :].expand(values.shape[0], hw, values.shape[1]).contiguous()
     return values[:, :, None].expand(*values.shape, hw).contiguous()
 
 
 @expand_planes.register_fake
-def _(values, hw):
-    return values.new_empty((*values.shape, hw))
+def _(values, hw, channels_last):
+    n, c = values.shape
+    return values.new_empty((n, hw, c) if channels_last else (n, c, hw))
 
 
-def pooling_grad(gx: torch.Tensor, shape: Sequence[int], stored: bool) -> torch.Tensor:
+def pooling_grad(gx: torch.Tensor, shape: Sequence[int], stored: bool, channels_last: bool) -> torch.Tensor:
     """The gradient of an ``[N, C, H, W]`` input that was average-pooled, from its
-    per-plane values ``gx`` ``[N, C]``: every pixel of a plane gets the same value.
+    per-plane values ``gx`` ``[N, C]``: every pixel of a plane gets the same value;
+    a ``channels_last`` map's gradient is ``channels_last`` too.
 
     A broadcast view costs nothing where the gradient flows on into another op; but
     the gradient of an input that torch stores (``stored``: a leaf that requires
     grad) must be a full tensor, and torch would clone the view into fresh pages. The
     kernels write that one faster (a reused buffer on huge pages, in parallel)."""
     if stored:
-        return expand_planes(gx, shape[2] * shape[3]).view(shape)
+        n, c, h, w = shape
+        if channels_last:
+            return from_nhwc(expand_planes(gx, h * w, True).view(n, h, w, c))
+        return expand_planes(gx, h * w, False).view(shape)
     return gx[:, :, None, None].expand(shape)
 
 

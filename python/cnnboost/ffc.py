@@ -24,10 +24,12 @@ from ._torch import (
     core_for,
     from_array,
     grad_is_stored,
+    is_channels_last,
     kernel_op,
     pooling_grad,
     refuse_scripting,
     to_array,
+    to_nhwc,
     torch_ops_active,
 )
 
@@ -57,23 +59,26 @@ def ffc_forward(
     combine: str,
     eps: float,
     all_outputs: bool,
+    channels_last: bool,
 ) -> Tuple[Tensor, Tensor]:
     """Returns (logits, pooled): pooled is the [N, C] average of a 4-d x, kept for the
-    backward (empty for a 2-d x, which is its own)."""
+    backward (empty for a 2-d x, which is its own). ``channels_last``: x is a CPU
+    ``channels_last`` map, read in that memory order."""
     k = _kernels(core_for(ln_weight), ln_weight.shape[0], combine, eps)
     out, pooled = k.forward(
-        to_array(x),
+        to_array(to_nhwc(x) if channels_last else x),
         to_array(ln_weight),
         to_array(ln_bias),
         to_array(fc_weight),
         to_array(fc_bias),
         "all" if all_outputs else "ensemble",
+        channels_last,
     )
     return from_array(out), from_array(pooled)
 
 
 @ffc_forward.register_fake
-def _(x, ln_weight, ln_bias, fc_weight, fc_bias, combine, eps, all_outputs):
+def _(x, ln_weight, ln_bias, fc_weight, fc_bias, combine, eps, all_outputs, channels_last):
     n, c, nf, k = x.shape[0], x.shape[1], ln_weight.shape[0], fc_weight.shape[0]
     out_shape = (_num_outputs(nf, combine), n, k) if all_outputs else (n, k)
     return x.new_empty(out_shape), x.new_empty((n, c) if x.dim() == 4 else (0,))
@@ -120,11 +125,12 @@ def _(grad_out, pooled, ln_weight, ln_bias, fc_weight, fc_bias, hw, combine, eps
 
 
 def _setup_context(ctx, inputs, output):
-    x, ln_weight, ln_bias, fc_weight, fc_bias, combine, eps, all_outputs = inputs
+    x, ln_weight, ln_bias, fc_weight, fc_bias, combine, eps, all_outputs, channels_last = inputs
     _, pooled = output
     ctx.save_for_backward(x if x.dim() == 2 else pooled, ln_weight, ln_bias, fc_weight, fc_bias)
     ctx.x_shape = x.shape
     ctx.grad_stored = grad_is_stored(x)
+    ctx.channels_last = channels_last
     ctx.config = (combine, eps, all_outputs)
     ctx.mark_non_differentiable(pooled)
 
@@ -138,8 +144,8 @@ def _backward(ctx, grad_out, _grad_pooled):
         grad_out.contiguous(), pooled, ln_weight, ln_bias, fc_weight, fc_bias, hw, combine, eps, all_outputs
     )
     if len(shape) == 4:
-        gx = pooling_grad(gx, shape, ctx.grad_stored)
-    return gx, glw, glb, gfw, gfb, None, None, None
+        gx = pooling_grad(gx, shape, ctx.grad_stored, ctx.channels_last)
+    return gx, glw, glb, gfw, gfb, None, None, None, None
 
 
 ffc_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -147,16 +153,18 @@ ffc_forward.register_autograd(_backward, setup_context=_setup_context)
 
 @kernel_op("cnnboost::ffc_vote")
 def ffc_vote(
-    x: Tensor, ln_weight: Tensor, ln_bias: Tensor, fc_weight: Tensor, fc_bias: Tensor, combine: str, eps: float
+    x: Tensor, ln_weight: Tensor, ln_bias: Tensor, fc_weight: Tensor, fc_bias: Tensor, combine: str, eps: float,
+    channels_last: bool,
 ) -> Tensor:
     k = _kernels(core_for(ln_weight), ln_weight.shape[0], combine, eps)
-    return from_array(
-        k.vote(to_array(x), to_array(ln_weight), to_array(ln_bias), to_array(fc_weight), to_array(fc_bias))
-    )
+    return from_array(k.vote(
+        to_array(to_nhwc(x) if channels_last else x), to_array(ln_weight), to_array(ln_bias), to_array(fc_weight),
+        to_array(fc_bias), channels_last,
+    ))
 
 
 @ffc_vote.register_fake
-def _(x, ln_weight, ln_bias, fc_weight, fc_bias, combine, eps):
+def _(x, ln_weight, ln_bias, fc_weight, fc_bias, combine, eps, channels_last):
     return x.new_empty((x.shape[0], fc_weight.shape[0]))
 
 
@@ -246,10 +254,11 @@ class FFC(nn.Module):
         if self.outputs == "ensemble" and not self.training and self.eval_ensemble == "vote":
             return ffc_vote(
                 x.detach(), ln_weight.detach(), ln_bias.detach(), self.fc.weight.detach(),
-                self.fc.bias.detach(), self.combine, self.eps,
+                self.fc.bias.detach(), self.combine, self.eps, is_channels_last(x),
             )
         out, _ = ffc_forward(
-            x, ln_weight, ln_bias, self.fc.weight, self.fc.bias, self.combine, self.eps, self.outputs == "all"
+            x, ln_weight, ln_bias, self.fc.weight, self.fc.bias, self.combine, self.eps, self.outputs == "all",
+            is_channels_last(x),
         )
         return out
 

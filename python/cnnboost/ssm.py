@@ -28,12 +28,14 @@ from ._torch import (
     check_tensor,
     from_array,
     grad_is_stored,
+    is_channels_last,
     kernel_op,
     pooling_grad,
     sync_active,
     synced_batch_norm,
     refuse_scripting,
     to_array,
+    to_nhwc,
     torch_ops_active,
     update_running_stats_of,
 )
@@ -65,6 +67,7 @@ def ssm_forward(
     eps: float,
     training: bool,
     all_outputs: bool,
+    channels_last: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (logits, mean, invstd, var, pooled). mean/invstd: what normalised each
     normalised head, concatenated head after head (batch statistics in training,
@@ -72,7 +75,7 @@ def ssm_forward(
     eval); pooled: the [N, C] average of a 4-d x (empty for a 2-d x, its own)."""
     k = _kernels(core_for(fc_weights[0]), len(fc_weights), norm_last_head, eps)
     arrays = k.forward(
-        to_array(x),
+        to_array(to_nhwc(x) if channels_last else x),
         _arrays(fc_weights),
         _arrays(fc_biases),
         _arrays(bn_weights),
@@ -81,13 +84,14 @@ def ssm_forward(
         _arrays(running_vars),
         training,
         "all" if all_outputs else "ensemble",
+        channels_last,
     )
     return tuple(from_array(a) for a in arrays)  # type: ignore[return-value]
 
 
 @ssm_forward.register_fake
 def _(x, fc_weights, fc_biases, bn_weights, bn_biases, running_means, running_vars,
-      norm_last_head, eps, training, all_outputs):
+      norm_last_head, eps, training, all_outputs, channels_last):
     n, c, g, k = x.shape[0], x.shape[1], len(fc_weights), fc_weights[0].shape[0]
     stats = sum(w.shape[0] for w in bn_weights)
     return (
@@ -144,7 +148,8 @@ def _(grad_out, pooled, mean, invstd, fc_weights, fc_biases, bn_weights, bn_bias
 
 
 def _setup_context(ctx, inputs, output):
-    x, fc_weights, fc_biases, bn_weights, bn_biases, _, _, norm_last_head, eps, training, all_outputs = inputs
+    x, fc_weights, fc_biases, bn_weights, bn_biases, _, _, norm_last_head, eps, training, all_outputs, channels_last = (
+        inputs)
     _, mean, invstd, var, pooled = output
     ctx.save_for_backward(
         x if x.dim() == 2 else pooled, mean, invstd, *fc_weights, *fc_biases, *bn_weights, *bn_biases
@@ -152,6 +157,7 @@ def _setup_context(ctx, inputs, output):
     ctx.counts = (len(fc_weights), len(bn_weights))
     ctx.x_shape = x.shape
     ctx.grad_stored = grad_is_stored(x)
+    ctx.channels_last = channels_last
     ctx.config = (norm_last_head, eps, training, all_outputs)
     ctx.mark_non_differentiable(mean, invstd, var, pooled)
 
@@ -167,9 +173,9 @@ def _backward(ctx, grad_out, _grad_mean, _grad_invstd, _grad_var, _grad_pooled):
         grad_out.contiguous(), pooled, mean, invstd, fc_weights, fc_biases, bn_weights, bn_biases, hw, *ctx.config
     )
     if len(shape) == 4:
-        gx = pooling_grad(gx, shape, ctx.grad_stored)
+        gx = pooling_grad(gx, shape, ctx.grad_stored, ctx.channels_last)
     # The running statistics (read in eval) and the options get no gradient.
-    return gx, gfw, gfb, gbw, gbb, [None] * h, [None] * h, None, None, None, None
+    return gx, gfw, gfb, gbw, gbb, [None] * h, [None] * h, None, None, None, None, None
 
 
 ssm_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -295,6 +301,7 @@ class SSM(nn.Module):
             self.eps,
             self.training,
             self.outputs == "all",
+            is_channels_last(x),
         )
         if self.training and len(self.bns) > 0:
             widths = [bn.num_features for bn in self.bns]

@@ -299,7 +299,7 @@ fn forward_cuda<'py>(
     let like = (xa.dtype(), xa.device_id);
     let shape = xa.dims().to_vec();
     dlpack::expect_samples("x", &shape)?;
-    no_channels_last_on_cuda(a.channels_last)?;
+    super::no_channels_last_on_cuda(a.channels_last)?;
     let (n, hw) = ab.map_dims("x", &shape, false)?;
     let c = ab.channels;
     if a.training && n < 2 {
@@ -345,7 +345,7 @@ fn backward_cuda<'py>(
     let xa = dlpack::input(a.x, "x", Some(like))?;
     let shape = xa.dims().to_vec();
     dlpack::expect_samples("x", &shape)?;
-    no_channels_last_on_cuda(a.channels_last)?;
+    super::no_channels_last_on_cuda(a.channels_last)?;
     let (n, hw) = ab.map_dims("x", &shape, false)?;
     dlpack::expect_shape("grad_out", &go, &shape)?;
     let c = ab.channels;
@@ -373,18 +373,6 @@ fn backward_cuda<'py>(
             dlpack::output(py, g.bn_bias, &[c], id)?,
         ],
     )
-}
-
-/// The CUDA build computes on `[N, C, H, W]` maps only (the Python modules pass
-/// CUDA tensors in that layout).
-#[cfg(feature = "cuda")]
-fn no_channels_last_on_cuda(channels_last: bool) -> PyResult<()> {
-    if channels_last {
-        return Err(PyValueError::new_err(
-            "channels_last: expected False for CUDA tensors (the CUDA build takes [N, C, H, W] maps), got True",
-        ));
-    }
-    Ok(())
 }
 
 /// The CUDA parameters of one call, read in place and checked; `params` holds

@@ -211,22 +211,30 @@ pub fn fmt_shape(s: &[usize]) -> String {
     }
 }
 
-/// `(N, C, H*W)` of an `[N, C]` or `[N, C, H, W]` input `x` (`H*W = 1` for 2-d).
-pub fn input_dims(shape: &[usize]) -> PyResult<(usize, usize, usize)> {
+/// `(N, C, H*W)` of an `[N, C]` or `[N, C, H, W]` input `x` (`[N, H, W, C]` when
+/// `channels_last`; `H*W = 1` for 2-d).
+pub fn input_dims(shape: &[usize], channels_last: bool) -> PyResult<(usize, usize, usize)> {
     match *shape {
         [n, c] => Ok((n, c, 1)),
-        [n, c, h, w] => match h.checked_mul(w) {
-            Some(0) => Err(PyValueError::new_err(format!(
-                "x: expected a non-empty H×W plane to average over, got shape {}",
-                fmt_shape(shape)
-            ))),
-            Some(hw) => Ok((n, c, hw)),
-            None => Err(PyValueError::new_err("x: H*W overflows")),
-        },
+        [n, h, w, c] if channels_last => map_dims(shape, n, c, h, w),
+        [n, c, h, w] => map_dims(shape, n, c, h, w),
         _ => Err(PyValueError::new_err(format!(
-            "x: expected a 2-d [N, C] or 4-d [N, C, H, W] array, got shape {}",
+            "x: expected a 2-d [N, C] or 4-d {} array, got shape {}",
+            if channels_last { "[N, H, W, C]" } else { "[N, C, H, W]" },
             fmt_shape(shape)
         ))),
+    }
+}
+
+/// `(N, C, H·W)` of a map, checking the plane is not empty.
+fn map_dims(shape: &[usize], n: usize, c: usize, h: usize, w: usize) -> PyResult<(usize, usize, usize)> {
+    match h.checked_mul(w) {
+        Some(0) => Err(PyValueError::new_err(format!(
+            "x: expected a non-empty H×W plane to average over, got shape {}",
+            fmt_shape(shape)
+        ))),
+        Some(hw) => Ok((n, c, hw)),
+        None => Err(PyValueError::new_err("x: H*W overflows")),
     }
 }
 

@@ -4,9 +4,10 @@ use super::array::{
     dispatch, expect_rank, expect_shape, input, input_dims, output, tuple, Host, Input, Reader,
 };
 use super::{backend, compute, to_py_err};
-use crate::candle::{self, ffc as candle_ffc};
+#[cfg(feature = "cuda")]
+use crate::candle;
+use crate::candle::ffc as candle_ffc;
 use crate::kernels::ffc::{self, Combine, Config, Dims, Outputs, Params};
-use crate::kernels::pool::global_avg_pool;
 use crate::kernels::Float;
 use numpy::Element;
 use pyo3::exceptions::PyValueError;
@@ -96,10 +97,11 @@ fn forward_t<'py, T: Element + Float>(
     cfg: &Config,
     params: ParamArgs<'_, 'py>,
     outputs: Outputs,
+    channels_last: bool,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let py = x.py();
     let xa = input::<T>(x, "x")?;
-    let (n, c, hw) = input_dims(xa.shape())?;
+    let (n, c, hw) = input_dims(xa.shape(), channels_last)?;
     let map = xa.shape().len() == 4;
     let call = Call::read(&Host::<T>::new(), cfg, c, params)?;
     let (xs, p) = (xa.slice(), call.params());
@@ -107,7 +109,7 @@ fn forward_t<'py, T: Element + Float>(
     let (out, pooled) = compute(py, || {
         // A 4-d input is pooled here, once: the backward reads the pooled features
         // rather than the whole map.
-        let pooled = map.then(|| backend!(global_avg_pool, candle::pool_host, (xs, hw)));
+        let pooled = map.then(|| super::pool_map(xs, n, c, hw, channels_last));
         let f0 = pooled.as_deref().unwrap_or(xs);
         backend!(ffc::forward, candle_ffc::forward_host, (cfg, d, f0, &p, outputs)).map(|out| (out, pooled))
     })?
@@ -155,15 +157,25 @@ fn vote_t<'py, T: Element + Float>(
     x: &Bound<'py, PyAny>,
     cfg: &Config,
     params: ParamArgs<'_, 'py>,
+    channels_last: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
     let py = x.py();
     let xa = input::<T>(x, "x")?;
-    let (n, c, hw) = input_dims(xa.shape())?;
+    let (n, c, hw) = input_dims(xa.shape(), channels_last)?;
     let call = Call::read(&Host::<T>::new(), cfg, c, params)?;
     let d = Dims { n, c, hw, k: call.k };
     let (xs, p) = (xa.slice(), call.params());
-    let scores =
-        compute(py, || backend!(ffc::vote, candle_ffc::vote_host, (cfg, d, xs, &p)))?.map_err(to_py_err)?;
+    let scores = compute(py, || {
+        if channels_last {
+            // Pooled here (the kernel pools [N, C, H, W] maps itself).
+            let pooled = super::pool_map(xs, n, c, hw, true);
+            let d = Dims { hw: 1, ..d };
+            backend!(ffc::vote, candle_ffc::vote_host, (cfg, d, &pooled, &p))
+        } else {
+            backend!(ffc::vote, candle_ffc::vote_host, (cfg, d, xs, &p))
+        }
+    })?
+    .map_err(to_py_err)?;
     output(py, scores, &[n, d.k])
 }
 
@@ -216,11 +228,13 @@ impl Ffc {
         )
     }
 
-    /// Forward. Returns `(out, pooled)`: `out` is `[N, K]` (ensemble: the mean
-    /// logits) or `[J, N, K]` (all); `pooled` is the pooled `[N, C]` features of a 4-d
-    /// `x` and empty for a 2-d `x`. `backward` takes the pooled features (a 2-d `x`
-    /// is its own).
-    #[pyo3(signature = (x, ln_weight, ln_bias, fc_weight, fc_bias, outputs = "ensemble"))]
+    /// Forward of `x` `[N, C]` or `[N, C, H, W]` (`[N, H, W, C]` with
+    /// `channels_last=True`: a torch `channels_last` map permuted to its memory order).
+    /// Returns `(out, pooled)`: `out` is `[N, K]` (ensemble: the mean logits) or
+    /// `[J, N, K]` (all); `pooled` is the pooled `[N, C]` features of a 4-d `x` and
+    /// empty for a 2-d `x`. `backward` takes the pooled features (a 2-d `x` is its own).
+    #[pyo3(signature = (x, ln_weight, ln_bias, fc_weight, fc_bias, outputs = "ensemble", channels_last = false))]
+    #[allow(clippy::too_many_arguments)]
     fn forward<'py>(
         &self,
         x: &Bound<'py, PyAny>,
@@ -229,10 +243,11 @@ impl Ffc {
         fc_weight: &Bound<'py, PyAny>,
         fc_bias: &Bound<'py, PyAny>,
         outputs: &str,
+        channels_last: bool,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let outputs = Outputs::parse(outputs).map_err(to_py_err)?;
         let params = ParamArgs { ln_weight, ln_bias, fc_weight, fc_bias };
-        dispatch!(x, "x", forward_t(&self.cfg, params, outputs) | forward_cuda)
+        dispatch!(x, "x", forward_t(&self.cfg, params, outputs, channels_last) | forward_cuda)
     }
 
     /// Backward, from the pooled `[N, C]` input features (x itself for a 2-d x; the
@@ -268,8 +283,10 @@ impl Ffc {
 
     /// Eval-mode voting: a `[N, K]` score whose row-wise argmax is the voted class:
     /// `votes[k]`, plus `0.5 *` the highest softmax probability among the outputs
-    /// voting `k` for the classes tied for the most votes, when there is a tie.
-    #[pyo3(signature = (x, ln_weight, ln_bias, fc_weight, fc_bias))]
+    /// voting `k` for the classes tied for the most votes, when there is a tie. `x`
+    /// and `channels_last` as in `forward`.
+    #[pyo3(signature = (x, ln_weight, ln_bias, fc_weight, fc_bias, channels_last = false))]
+    #[allow(clippy::too_many_arguments)]
     fn vote<'py>(
         &self,
         x: &Bound<'py, PyAny>,
@@ -277,9 +294,10 @@ impl Ffc {
         ln_bias: &Bound<'py, PyAny>,
         fc_weight: &Bound<'py, PyAny>,
         fc_bias: &Bound<'py, PyAny>,
+        channels_last: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
         let params = ParamArgs { ln_weight, ln_bias, fc_weight, fc_bias };
-        dispatch!(x, "x", vote_t(&self.cfg, params) | vote_cuda)
+        dispatch!(x, "x", vote_t(&self.cfg, params, channels_last) | vote_cuda)
     }
 }
 
@@ -314,7 +332,7 @@ impl CudaCall {
 /// `(x viewed as [N, C, HW], N, C, HW)` of a CUDA input.
 #[cfg(feature = "cuda")]
 fn cuda_features(x: &super::dlpack::CudaIn) -> PyResult<(candle_core::Tensor, usize, usize, usize)> {
-    let (n, c, hw) = input_dims(x.dims())?;
+    let (n, c, hw) = input_dims(x.dims(), false)?;
     super::dlpack::expect_samples("x", x.dims())?;
     Ok((x.reshape((n, c, hw)).map_err(super::dlpack::candle_err)?, n, c, hw))
 }
@@ -325,8 +343,10 @@ fn forward_cuda<'py>(
     cfg: &Config,
     params: ParamArgs<'_, 'py>,
     outputs: Outputs,
+    channels_last: bool,
 ) -> PyResult<Bound<'py, PyTuple>> {
     use super::dlpack::{self, run};
+    super::no_channels_last_on_cuda(channels_last)?;
     let py = x.py();
     let xa = dlpack::input(x, "x", None)?;
     let map = xa.dims().len() == 4;
@@ -384,8 +404,10 @@ fn vote_cuda<'py>(
     x: &Bound<'py, PyAny>,
     cfg: &Config,
     params: ParamArgs<'_, 'py>,
+    channels_last: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
     use super::dlpack::{self, run};
+    super::no_channels_last_on_cuda(channels_last)?;
     let py = x.py();
     let xa = dlpack::input(x, "x", None)?;
     let (x3, n, c, _) = cuda_features(&xa)?;

@@ -208,28 +208,72 @@ fn get_gemm() -> &'static str {
     kernels::gemm::backend()
 }
 
-/// `values` (any shape `S`) with every value repeated `hw` times: shape `S + [hw]`.
+/// `values` (any shape `S`) with every value repeated `hw` times: shape `S + [hw]`;
+/// with `channels_last`, `values` `[N, C]` repeated as the rows of `[N, hw, C]`.
 /// The gradient of a global average pooling, written out for an input whose
 /// gradient torch would store (a leaf): torch would otherwise clone the broadcast.
 #[pyfunction]
-fn expand_planes<'py>(values: &Bound<'py, PyAny>, hw: i64) -> PyResult<Bound<'py, PyAny>> {
+#[pyo3(signature = (values, hw, channels_last = false))]
+fn expand_planes<'py>(
+    values: &Bound<'py, PyAny>,
+    hw: i64,
+    channels_last: bool,
+) -> PyResult<Bound<'py, PyAny>> {
     if hw < 0 {
         return Err(PyValueError::new_err(format!("hw: expected an integer >= 0, got {hw}")));
     }
-    array::dispatch!(values, "values", expand_planes_t(hw as usize))
+    array::dispatch!(values, "values", expand_planes_t(hw as usize, channels_last))
 }
 
 fn expand_planes_t<'py, T: numpy::Element + kernels::Float>(
     values: &Bound<'py, PyAny>,
     hw: usize,
+    channels_last: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
     let v = array::input::<T>(values, "values")?;
+    let src = v.slice();
+    if channels_last {
+        let s = array::expect_rank("values", v.shape(), 2, "[N, C]")?;
+        let (n, c) = (s[0], s[1]);
+        let shape = [n, hw, c];
+        kernels::checked_numel("values", &shape).map_err(to_py_err)?;
+        let out = compute(values.py(), || kernels::channels_last::broadcast(src, hw, c))?;
+        return array::output(values.py(), out, &shape);
+    }
     let mut shape = v.shape().to_vec();
     shape.push(hw);
     kernels::checked_numel("values", &shape).map_err(to_py_err)?;
-    let src = v.slice();
     let out = compute(values.py(), || kernels::pool::broadcast_planes(src, hw))?;
     array::output(values.py(), out, &shape)
+}
+
+/// The `[N, C]` plane means of a map, on the backend CPU calls use: `x` is
+/// `[N, C, HW]`, or `[N, HW, C]` when `channels_last` (a torch `channels_last` map in
+/// its memory order). Call it inside [`compute`].
+pub(crate) fn pool_map<T: kernels::Float>(
+    x: &[T],
+    n: usize,
+    c: usize,
+    hw: usize,
+    channels_last: bool,
+) -> Vec<T> {
+    if channels_last {
+        backend!(kernels::channels_last::pool, crate::candle::pool_host_channels_last, (x, n, hw, c))
+    } else {
+        backend!(kernels::pool::global_avg_pool, crate::candle::pool_host, (x, hw))
+    }
+}
+
+/// The CUDA build computes on `[N, C, H, W]` maps only (the Python modules pass CUDA
+/// tensors in that layout).
+#[cfg(feature = "cuda")]
+pub(crate) fn no_channels_last_on_cuda(channels_last: bool) -> PyResult<()> {
+    if channels_last {
+        return Err(PyValueError::new_err(
+            "channels_last: expected False for CUDA tensors (the CUDA build takes [N, C, H, W] maps), got True",
+        ));
+    }
+    Ok(())
 }
 
 /// Runs `$rayon` or, under `set_backend("candle")`, `$candle`: two calls of the

@@ -5,8 +5,9 @@ use super::array::{
     Input, Reader,
 };
 use super::{backend, compute, to_py_err};
-use crate::candle::{self, ssm as candle_ssm};
-use crate::kernels::pool::global_avg_pool;
+#[cfg(feature = "cuda")]
+use crate::candle;
+use crate::candle::ssm as candle_ssm;
 use crate::kernels::ssm::{self, BnParams, Config, Head, Saved};
 use crate::kernels::{Float, Outputs};
 use numpy::Element;
@@ -107,6 +108,7 @@ struct ForwardArgs<'a, 'py> {
     lists: Lists<'a, 'py>,
     training: bool,
     outputs: Outputs,
+    channels_last: bool,
 }
 
 /// The arguments of `SSM.backward` after `grad_out`.
@@ -182,7 +184,8 @@ fn forward_t<'py, T: Element + Float>(
 ) -> PyResult<Bound<'py, PyTuple>> {
     let py = x.py();
     let xa = input::<T>(x, "x")?;
-    let (n, c, hw) = input_dims(xa.shape())?;
+    let channels_last = a.channels_last;
+    let (n, c, hw) = input_dims(xa.shape(), channels_last)?;
     let split = split_of("x", xa.shape(), c, m.num_heads)?;
     let map = xa.shape().len() == 4;
     let p = Params::read(&Host::<T>::new(), m, split, a.lists)?;
@@ -191,7 +194,7 @@ fn forward_t<'py, T: Element + Float>(
     let (f, pooled) = compute(py, || {
         // A 4-d input is pooled here, once: the backward reads the pooled features
         // rather than the whole map.
-        let pooled = map.then(|| backend!(global_avg_pool, candle::pool_host, (xs, hw)));
+        let pooled = map.then(|| super::pool_map(xs, n, c, hw, channels_last));
         let feats = pooled.as_deref().unwrap_or(xs);
         backend!(ssm::forward, candle_ssm::forward_host, (&cfg, feats, n, c, &heads)).map(|f| (f, pooled))
     })?
@@ -319,7 +322,7 @@ impl Ssm {
     /// `backward` takes `pooled` (a 2-d `x` itself), `mean` and `invstd`. The running
     /// statistics are read in eval only (their shapes are checked in both modes) and
     /// never written.
-    #[pyo3(signature = (x, fc_weights, fc_biases, bn_weights, bn_biases, running_means, running_vars, training = true, outputs = "ensemble"))]
+    #[pyo3(signature = (x, fc_weights, fc_biases, bn_weights, bn_biases, running_means, running_vars, training = true, outputs = "ensemble", channels_last = false))]
     #[allow(clippy::too_many_arguments)]
     fn forward<'py>(
         &self,
@@ -332,6 +335,7 @@ impl Ssm {
         running_vars: &Bound<'py, PyAny>,
         training: bool,
         outputs: &str,
+        channels_last: bool,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let args = ForwardArgs {
             lists: Lists {
@@ -343,6 +347,7 @@ impl Ssm {
             },
             training,
             outputs: Outputs::parse(outputs).map_err(to_py_err)?,
+            channels_last,
         };
         dispatch!(x, "x", forward_t(self, &args) | forward_cuda)
     }
@@ -439,7 +444,8 @@ fn forward_cuda<'py>(
     let py = x.py();
     let xa = dlpack::input(x, "x", None)?;
     let map = xa.dims().len() == 4;
-    let (n, c, hw) = input_dims(xa.dims())?;
+    super::no_channels_last_on_cuda(a.channels_last)?;
+    let (n, c, hw) = input_dims(xa.dims(), false)?;
     dlpack::expect_samples("x", xa.dims())?;
     let split = split_of("x", xa.dims(), c, m.num_heads)?;
     let p = CudaParams::read(m, split, xa.like(), a.lists)?;

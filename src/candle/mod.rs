@@ -45,6 +45,15 @@ pub fn host<T: Float>(t: &Tensor) -> Result<Vec<T>> {
     t.flatten_all().and_then(|f| f.to_vec1::<T>()).map_err(err)
 }
 
+/// `kernels::channels_last::pool` on the CPU device: the `[N, C]` means of the rows
+/// of each `[HW, C]` sample of `x`. Fails only on a bug, like [`pool_host`].
+pub fn pool_host_channels_last<T: Float>(x: &[T], n: usize, hw: usize, c: usize) -> Vec<T> {
+    tensor(x, &[n, hw, c], &Device::Cpu)
+        .and_then(|t| t.mean(1).map_err(err))
+        .and_then(|t| host(&t))
+        .expect("candle pooling of a checked slice")
+}
+
 /// `kernels::pool::global_avg_pool` on the CPU device: the means of the `hw`-long
 /// planes of `x`. Only fails on a bug (the caller checked the sizes); `compute` turns
 /// that into a `RuntimeError`.
