@@ -473,19 +473,6 @@ mod tests {
         }
     }
 
-    /// `[n, c, hw]` → `[n, hw, c]`.
-    fn to_channels_last(x: &[f64], n: usize, c: usize, hw: usize) -> Vec<f64> {
-        let mut out = vec![0.0; x.len()];
-        for i in 0..n {
-            for j in 0..c {
-                for q in 0..hw {
-                    out[(i * hw + q) * c + j] = x[(i * c + j) * hw + q];
-                }
-            }
-        }
-        out
-    }
-
     #[test]
     fn channels_last_maps_give_the_channels_first_results() {
         // Training and both eval forwards (1 thread: per sample; n + 1: two passes),
@@ -497,7 +484,8 @@ mod tests {
                 let case = Case::new(seed, n, c, hw, g, seed % 2 == 0, training);
                 let go: Vec<f64> = Lcg(seed + 100).vec(n * c * hw, 1.0, 0.0);
                 let last = Config { channels_last: true, ..case.cfg };
-                let (xl, gl) = (to_channels_last(&case.x, n, c, hw), to_channels_last(&go, n, c, hw));
+                let (xl, gl) =
+                    (channels_last::to_nhwc(&case.x, n, c, hw), channels_last::to_nhwc(&go, n, c, hw));
                 for (threads, streaming) in [(1, false), (n + 1, false), (1, true), (n + 1, true)] {
                     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
                     let run = |cfg: &Config, x: &[f64], go: &[f64]| {
@@ -520,12 +508,12 @@ mod tests {
                             assert!((p - q).abs() < 1e-12, "{name}: {p} vs {q}, {what}");
                         }
                     };
-                    close(&f1.out, &to_channels_last(&f0.out, n, c, hw), "out");
+                    close(&f1.out, &channels_last::to_nhwc(&f0.out, n, c, hw), "out");
                     close(&f1.pooled, &f0.pooled, "pooled");
                     close(&f1.mean, &f0.mean, "mean");
                     close(&f1.invstd, &f0.invstd, "invstd");
                     close(&f1.var_unbiased, &f0.var_unbiased, "var_unbiased");
-                    close(&g1.x, &to_channels_last(&g0.x, n, c, hw), "grad x");
+                    close(&g1.x, &channels_last::to_nhwc(&g0.x, n, c, hw), "grad x");
                     close(&g1.conv_weight, &g0.conv_weight, "grad conv_weight");
                     close(&g1.conv_bias, &g0.conv_bias, "grad conv_bias");
                     close(&g1.bn_weight, &g0.bn_weight, "grad bn_weight");

@@ -223,23 +223,24 @@ pub fn broadcast<T: Float>(values: &[T], hw: usize, c: usize) -> Vec<T> {
     out
 }
 
+/// `[n, c, hw]` → `[n, hw, c]`, the slow obvious way (for tests of both layouts).
+#[cfg(test)]
+pub(crate) fn to_nhwc(x: &[f64], n: usize, c: usize, hw: usize) -> Vec<f64> {
+    let mut out = vec![0.0; x.len()];
+    for s in 0..n {
+        for j in 0..c {
+            for r in 0..hw {
+                out[(s * hw + r) * c + j] = x[(s * c + j) * hw + r];
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::kernels::pool;
-
-    /// `[n, c, hw]` → `[n, hw, c]`.
-    fn to_nhwc(x: &[f64], n: usize, c: usize, hw: usize) -> Vec<f64> {
-        let mut out = vec![0.0; x.len()];
-        for s in 0..n {
-            for j in 0..c {
-                for r in 0..hw {
-                    out[(s * hw + r) * c + j] = x[(s * c + j) * hw + r];
-                }
-            }
-        }
-        out
-    }
 
     fn data(len: usize, seed: u64) -> Vec<f64> {
         (0..len).map(|i| (((i as u64 * 2654435761 + seed * 97) % 1000) as f64 - 500.0) / 250.0).collect()
