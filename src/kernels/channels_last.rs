@@ -11,27 +11,19 @@ use super::{output_buffer, stream, Float};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
-/// Rows summed in `T` before being added to the f64 totals: a float32 partial sum
-/// rounds like a sum of at most this many elements, as in [`super::pool`].
-const BLOCK: usize = 64;
-
-/// Rows per parallel part of a sample (a multiple of [`BLOCK`]).
-const PART: usize = 8 * BLOCK;
+/// Rows per parallel part of a sample.
+const PART: usize = 512;
 
 /// Adds `Σ_r f(a[r, j], b[r, j])` over the rows of the row-major `rows × c` matrices
-/// `a` and `b` to `totals[j]`, on the calling thread.
+/// `a` and `b` to `totals[j]`, on the calling thread. Each term is added in f64: a
+/// float32 pooling of a few rows then rounds once, as the channels-first kernels'
+/// (whose short planes are summed in f64); summing float32 rows first made the
+/// pooled values of a batch of two noticeably less accurate than torch's.
 #[inline]
 fn add_column_sums<T: Float>(a: &[T], b: &[T], c: usize, totals: &mut [f64], f: impl Fn(T, T) -> T) {
-    let mut acc = vec![T::zero(); c];
-    for (ab, bb) in a.chunks(BLOCK * c).zip(b.chunks(BLOCK * c)) {
-        acc.fill(T::zero());
-        for (ra, rb) in ab.chunks_exact(c).zip(bb.chunks_exact(c)) {
-            for ((s, &x), &y) in acc.iter_mut().zip(ra).zip(rb) {
-                *s += f(x, y);
-            }
-        }
-        for (t, &s) in totals.iter_mut().zip(&acc) {
-            *t += s.as_f64();
+    for (ra, rb) in a.chunks_exact(c).zip(b.chunks_exact(c)) {
+        for ((t, &x), &y) in totals.iter_mut().zip(ra).zip(rb) {
+            *t += f(x, y).as_f64();
         }
     }
 }
@@ -190,6 +182,92 @@ pub fn scale<T: Float>(src: &[T], scale: &[T], shift: Option<&[T]>, n: usize, hw
     out
 }
 
+/// `Σ_i w_i[s, j] · x_i[s, r, j]` over `m` `[n, hw, c]` maps `xs`, with `w` `[m, n·c]`
+/// (map-major), into a new map: AFI's fused output. Each element adds the maps'
+/// terms in map order, as the channels-first kernel does.
+pub fn weighted_sum<T: Float>(xs: &[&[T]], w: &[T], n: usize, hw: usize, c: usize) -> Vec<T> {
+    let (m, len, nc) = (xs.len(), n * hw * c, n * c);
+    assert!(m > 0 && xs.iter().all(|x| x.len() == len) && w.len() >= m * nc, "weighted_sum: sizes");
+    let mut out = output_buffer::<T>(len);
+    if len == 0 {
+        return out;
+    }
+    let streaming = stream::worth_it::<T>(len, c);
+    let rows = (32 * 1024 / ((m + 1) * c)).clamp(1, hw);
+    let spare = &mut out.spare_capacity_mut()[..len];
+    spare.par_chunks_mut(hw * c).enumerate().for_each(|(s, o)| {
+        let ws: Vec<&[T]> = (0..m).map(|i| &w[i * nc + s * c..i * nc + (s + 1) * c]).collect();
+        o.par_chunks_mut(rows * c).enumerate().for_each(|(k, o)| {
+            for (q, orow) in o.chunks_exact_mut(c).enumerate() {
+                let at = s * hw * c + (k * rows + q) * c;
+                let row = |i: usize, j: usize| ws[i][j] * xs[i][at + j];
+                let value = |j: usize| (1..m).fold(row(0, j), |v, i| v + row(i, j));
+                if streaming {
+                    stream::fill(orow, |at, vals| {
+                        for (q, d) in vals.iter_mut().enumerate() {
+                            *d = value(at + q);
+                        }
+                    });
+                } else {
+                    for (j, d) in orow.iter_mut().enumerate() {
+                        d.write(value(j));
+                    }
+                }
+            }
+            if streaming {
+                stream::fence();
+            }
+        });
+    });
+    // SAFETY: the chunks cover all `len` elements, whole rows each, every one written.
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// `m` new maps `out_i[s, r, j] = a_i[s, j] · src[s, r, j] + b_i[s, j]` from one
+/// `[n, hw, c]` map, with `a` and `b` `[m, n·c]` (map-major), reading each row of
+/// `src` once for all `m`: AFI's input gradients (the weights, and the pooled
+/// gradient over HW). One sample per task.
+pub fn affine_each<T: Float>(
+    src: &[T],
+    a: &[T],
+    b: &[T],
+    m: usize,
+    n: usize,
+    hw: usize,
+    c: usize,
+) -> Vec<Vec<T>> {
+    let (len, nc, sample) = (n * hw * c, n * c, hw * c);
+    assert!(src.len() == len && a.len() >= m * nc && b.len() >= m * nc, "affine_each: sizes");
+    let mut outs: Vec<Vec<T>> = (0..m).map(|_| output_buffer::<T>(len)).collect();
+    if len == 0 {
+        return outs;
+    }
+    let streaming = stream::worth_it::<T>(m * len, c);
+    let mut per_sample: Vec<Vec<&mut [MaybeUninit<T>]>> = (0..n).map(|_| Vec::with_capacity(m)).collect();
+    for out in outs.iter_mut() {
+        for (dsts, chunk) in per_sample.iter_mut().zip(out.spare_capacity_mut()[..len].chunks_mut(sample)) {
+            dsts.push(chunk);
+        }
+    }
+    per_sample.into_par_iter().zip(src.par_chunks(sample)).enumerate().for_each(|(s, (mut dsts, g))| {
+        let at = |i: usize| i * nc + s * c..i * nc + (s + 1) * c;
+        for (r, grow) in g.chunks_exact(c).enumerate() {
+            for (i, dst) in dsts.iter_mut().enumerate() {
+                scale_rows_into(&mut dst[r * c..(r + 1) * c], grow, &a[at(i)], Some(&b[at(i)]), streaming);
+            }
+        }
+        if streaming {
+            stream::fence();
+        }
+    });
+    for out in outs.iter_mut() {
+        // SAFETY: every sample's rows of every output were written above.
+        unsafe { out.set_len(len) };
+    }
+    outs
+}
+
 /// A new `[n, hw, c]` map whose row `r` of sample `s` is `values[s, :]`: the gradient
 /// of a channels-last global average pooling (`values` already divided by `hw`).
 pub fn broadcast<T: Float>(values: &[T], hw: usize, c: usize) -> Vec<T> {
@@ -250,7 +328,7 @@ mod tests {
     fn each_operation_equals_its_channels_first_twin() {
         // Row counts around the block and part sizes; odd channel counts.
         for (n, c, hw) in
-            [(1, 1, 1), (2, 3, 5), (3, 7, 49), (2, 5, BLOCK + 3), (2, 4, PART + 9), (1, 9, 2 * PART)]
+            [(1, 1, 1), (2, 3, 5), (3, 7, 49), (2, 5, 67), (2, 4, PART + 9), (1, 9, 2 * PART)]
         {
             let x = data(n * c * hw, 1);
             let g = data(n * c * hw, 2);
@@ -276,6 +354,33 @@ mod tests {
             let want = to_nhwc(&pool::broadcast_planes(&a, hw), n, c, hw);
             assert_eq!(broadcast(&a, hw, c), want, "broadcast");
             assert_eq!(stream::forced(true, || broadcast(&a, hw, c)), want, "streamed broadcast");
+        }
+    }
+
+    #[test]
+    fn weighted_sums_and_affine_maps_by_definition() {
+        for (n, c, hw, m) in [(2, 3, 5, 1), (3, 4, 7, 3), (2, 5, 70, 5)] {
+            let xs: Vec<Vec<f64>> = (0..m).map(|i| data(n * hw * c, 10 + i as u64)).collect();
+            let refs: Vec<&[f64]> = xs.iter().map(|x| &x[..]).collect();
+            let (w, b) = (data(m * n * c, 5), data(m * n * c, 6));
+            for streaming in [false, true] {
+                let sum = stream::forced(streaming, || weighted_sum(&refs, &w, n, hw, c));
+                let each = stream::forced(streaming, || affine_each(&xs[0], &w, &b, m, n, hw, c));
+                for s in 0..n {
+                    for r in 0..hw {
+                        for j in 0..c {
+                            let at = (s * hw + r) * c + j;
+                            let coef = |v: &[f64], i: usize| v[i * n * c + s * c + j];
+                            let want =
+                                (1..m).fold(coef(&w, 0) * xs[0][at], |v, i| v + coef(&w, i) * xs[i][at]);
+                            assert_eq!(sum[at], want, "weighted_sum {n}x{c}x{hw}, {m} maps");
+                            for (i, e) in each.iter().enumerate() {
+                                assert_eq!(e[at], coef(&w, i) * xs[0][at] + coef(&b, i), "affine_each");
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 
