@@ -21,9 +21,13 @@ def random_case(seed):
                 reduction=rng.choice([r for r in (1, 2, 4, 16) if r <= c]), bias=rng.random() < 0.5)
 
 
-def maps(case, dtype):
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def maps(case, dtype, layout="contiguous"):
     shape = (case["n"], case["c"], case["h"], case["w"])
-    return lambda: [torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(case["m"])]
+    return lambda: [torch.randn(shape, dtype=dtype).contiguous(memory_format=LAYOUTS[layout]).requires_grad_()
+                    for _ in range(case["m"])]
 
 
 def call(m, xs):
@@ -31,14 +35,27 @@ def call(m, xs):
 
 
 @pytest.mark.usefixtures("each_backend")
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("seed", range(10))
-def test_matches_reference(dtype, train, seed):
+def test_matches_reference(dtype, train, seed, layout):
     case = random_case(seed)
     fast, ref = twins(cnnboost.AFI, reference.AFI, case["c"], reduction=case["reduction"], bias=case["bias"],
                       dtype=dtype, seed=seed)
-    compare(fast, ref, maps(case, dtype), train=train, call=call)
+    made = []
+
+    def make():
+        made.append(maps(case, dtype, layout)())
+        return made[-1]
+
+    out, ref_out = compare(fast, ref, make, train=train, call=call)
+    x = made[0][0]
+    if layout == "channels_last" and not x.is_contiguous():
+        # the reference's layout, for the output and every input gradient
+        assert out.is_contiguous(memory_format=torch.channels_last), out.stride()
+        assert ref_out.is_contiguous(memory_format=torch.channels_last), ref_out.stride()
+        assert all(x.grad is None or x.grad.is_contiguous(memory_format=torch.channels_last) for x in made[0])
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -68,12 +85,14 @@ def test_the_same_module_takes_a_different_number_of_inputs_each_call():
 
 
 @pytest.mark.usefixtures("each_backend")
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("m", [1, 2, 3])
-def test_gradcheck(bias, m):
+def test_gradcheck(bias, m, layout):
     mod = randomize_(cnnboost.AFI(6, reduction=2, bias=bias, dtype=torch.float64), 2)
     names = [k for k, _ in mod.named_parameters()]
-    xs = [torch.randn(2, 6, 2, 3, dtype=torch.float64, requires_grad=True) for _ in range(m)]
+    xs = [torch.randn(2, 6, 2, 3, dtype=torch.float64).contiguous(memory_format=LAYOUTS[layout]).requires_grad_()
+          for _ in range(m)]
 
     def f(*args):
         ins, ps = list(args[:m]), args[m:]
@@ -179,13 +198,15 @@ def test_core_bad_arguments_name_them():
         core.backward(out, xs, z, h, wts[:1], w1, None, w2, None)
 
 
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_torch_compile_fullgraph_matches_eager(layout):
     torch._dynamo.reset()
     m = randomize_(cnnboost.AFI(8, bias=True), 4)
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
-    xs = [torch.randn(2, 8, 3, 3, requires_grad=True) for _ in range(3)]
+    xs = [torch.randn(2, 8, 3, 3).contiguous(memory_format=LAYOUTS[layout]).requires_grad_() for _ in range(3)]
     y, yc = m(xs), compiled(xs)
     assert_close(yc, y, torch.float32, "compiled output")
+    assert yc.stride() == y.stride() == torch.empty_like(xs[0]).stride()
     yc.square().sum().backward()
     g = [x.grad.clone() for x in xs]
     for x in xs:

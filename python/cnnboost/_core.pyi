@@ -257,8 +257,10 @@ class AFI:
         fc1_bias: Optional[ArrayLike],
         fc2_weight: ArrayLike,
         fc2_bias: Optional[ArrayLike],
+        channels_last: bool = False,
     ) -> Tuple[Array, Array, Array, Array]:
-        """Returns ``(out, z, hidden, weights)``: ``out`` like each map; ``z``
+        """Maps ``[N, C, H, W]``, or ``[N, H, W, C]`` with ``channels_last=True``.
+        Returns ``(out, z, hidden, weights)``: ``out`` like each map; ``z``
         ``[M, N, C]``, ``hidden`` ``[M, N, C/r]``, ``weights`` ``[M, N, C]`` (softmax
         over the maps) for ``backward``."""
     def backward(
@@ -272,6 +274,8 @@ class AFI:
         fc1_bias: Optional[ArrayLike],
         fc2_weight: ArrayLike,
         fc2_bias: Optional[ArrayLike],
+        channels_last: bool = False,
     ) -> Tuple[List[Array], Array, Array, Array, Array]:
-        """Returns ``(grad_xs, grad_fc1_weight, grad_fc1_bias, grad_fc2_weight,
-        grad_fc2_bias)``; a bias gradient is empty when that bias is None."""
+        """``grad_out`` and ``xs`` in the forward's layout. Returns ``(grad_xs,
+        grad_fc1_weight, grad_fc1_bias, grad_fc2_weight, grad_fc2_bias)``; a bias
+        gradient is empty when that bias is None."""

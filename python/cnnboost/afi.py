@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from . import _core, reference
-from ._torch import autocast_input, core_for, check_int, check_tensor, from_array, kernel_op, refuse_scripting, to_array, torch_ops_active
+from ._torch import (autocast_input, core_for, check_int, check_tensor, from_array, from_nhwc, is_channels_last,
+                     kernel_op, map_format, refuse_scripting, to_array, to_nhwc, torch_ops_active)
 
 __all__ = ["AFI"]
 
@@ -32,20 +33,25 @@ def afi_forward(
     fc2_weight: Tensor,
     fc2_bias: Optional[Tensor],
     reduction: int,
+    channels_last: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (fused, z, hidden, weights); the last three are kept for backward."""
-    arrays = _kernels(core_for(fc1_weight), fc1_weight.shape[1], reduction).forward(
-        [to_array(x) for x in xs], to_array(fc1_weight), _np(fc1_bias), to_array(fc2_weight), _np(fc2_bias)
+    """Returns (fused, z, hidden, weights); the last three are kept for backward.
+    ``channels_last``: every map is a CPU ``channels_last`` map, read (and the fused
+    map written) in that memory order."""
+    out, *rest = _kernels(core_for(fc1_weight), fc1_weight.shape[1], reduction).forward(
+        [to_array(to_nhwc(x) if channels_last else x) for x in xs], to_array(fc1_weight), _np(fc1_bias),
+        to_array(fc2_weight), _np(fc2_bias), channels_last,
     )
-    return tuple(from_array(a) for a in arrays)  # type: ignore[return-value]
+    out = from_nhwc(from_array(out)) if channels_last else from_array(out)
+    return (out, *(from_array(a) for a in rest))  # type: ignore[return-value]
 
 
 @afi_forward.register_fake
-def _(xs, fc1_weight, fc1_bias, fc2_weight, fc2_bias, reduction):
+def _(xs, fc1_weight, fc1_bias, fc2_weight, fc2_bias, reduction, channels_last):
     x = xs[0]
     m, n, c, hidden = len(xs), x.shape[0], x.shape[1], fc1_weight.shape[0]
     return (
-        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(x, memory_format=map_format(channels_last)),
         x.new_empty((m, n, c)),
         x.new_empty((m, n, hidden)),
         x.new_empty((m, n, c)),
@@ -64,20 +70,24 @@ def afi_backward(
     fc2_weight: Tensor,
     fc2_bias: Optional[Tensor],
     reduction: int,
+    channels_last: bool,
 ) -> List[Tensor]:
     """Returns [grad_x_1 … grad_x_M, grad_fc1_weight, grad_fc1_bias, grad_fc2_weight,
-    grad_fc2_bias] (a bias gradient is empty when the bias is None)."""
+    grad_fc2_bias] (a bias gradient is empty when the bias is None); ``grad_out`` and
+    ``xs`` in the forward's layout."""
+    maps = (lambda t: to_array(to_nhwc(t))) if channels_last else to_array
     gxs, gw1, gb1, gw2, gb2 = _kernels(core_for(fc1_weight), fc1_weight.shape[1], reduction).backward(
-        to_array(grad_out), [to_array(x) for x in xs], to_array(z), to_array(hidden), to_array(weights),
-        to_array(fc1_weight), _np(fc1_bias), to_array(fc2_weight), _np(fc2_bias),
+        maps(grad_out), [maps(x) for x in xs], to_array(z), to_array(hidden), to_array(weights),
+        to_array(fc1_weight), _np(fc1_bias), to_array(fc2_weight), _np(fc2_bias), channels_last,
     )
-    return [from_array(a) for a in (*gxs, gw1, gb1, gw2, gb2)]
+    gxs = [from_nhwc(from_array(g)) if channels_last else from_array(g) for g in gxs]
+    return gxs + [from_array(a) for a in (gw1, gb1, gw2, gb2)]
 
 
 @afi_backward.register_fake
-def _(grad_out, xs, z, hidden, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias, reduction):
+def _(grad_out, xs, z, hidden, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias, reduction, channels_last):
     empty = grad_out.new_empty((0,))
-    return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in xs] + [
+    return [torch.empty_like(x, memory_format=map_format(channels_last)) for x in xs] + [
         torch.empty_like(fc1_weight),
         torch.empty_like(fc1_bias) if fc1_bias is not None else empty,
         torch.empty_like(fc2_weight),
@@ -86,10 +96,11 @@ def _(grad_out, xs, z, hidden, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bi
 
 
 def _setup_context(ctx, inputs, output):
-    xs, fc1_weight, fc1_bias, fc2_weight, fc2_bias, reduction = inputs
+    xs, fc1_weight, fc1_bias, fc2_weight, fc2_bias, reduction, channels_last = inputs
     _, z, hidden, weights = output
     ctx.m = len(xs)
     ctx.reduction = reduction
+    ctx.channels_last = channels_last
     ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
     ctx.save_for_backward(*xs, z, hidden, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     ctx.mark_non_differentiable(z, hidden, weights)
@@ -98,10 +109,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, *_):
     saved = ctx.saved_tensors
     xs, (z, hidden, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias) = list(saved[: ctx.m]), saved[ctx.m:]
-    grads = afi_backward(grad_out.contiguous(), xs, z, hidden, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                         ctx.reduction)
+    grad_out = grad_out.contiguous(memory_format=map_format(ctx.channels_last))
+    grads = afi_backward(grad_out, xs, z, hidden, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                         ctx.reduction, ctx.channels_last)
     gxs, (gw1, gb1, gw2, gb2) = grads[: ctx.m], grads[ctx.m:]
-    return (list(gxs), gw1, gb1 if ctx.has_bias[0] else None, gw2, gb2 if ctx.has_bias[1] else None, None)
+    return (list(gxs), gw1, gb1 if ctx.has_bias[0] else None, gw2, gb2 if ctx.has_bias[1] else None, None, None)
 
 
 afi_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -157,7 +169,7 @@ class AFI(nn.Module):
         if torch_ops_active():
             return reference.AFI.forward(self, xs)
         out, _, _, _ = afi_forward(list(xs), self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-                                   self.reduction)
+                                   self.reduction, all(is_channels_last(x) for x in xs))
         return out
 
     __prepare_scriptable__ = refuse_scripting

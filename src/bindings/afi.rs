@@ -26,12 +26,15 @@ pub struct Afi {
     hidden: usize,
 }
 
-/// The maps of one call, read and checked: `(arrays, shape)`.
+/// The maps of one call, read and checked: `(arrays, shape)`; `[N, C, H, W]` maps, or
+/// `[N, H, W, C]` when `channels_last`.
 fn read_maps<'py, R: Reader<'py>>(
     r: &mut R,
     xs: &Bound<'py, PyAny>,
     channels: usize,
+    channels_last: bool,
 ) -> PyResult<(Vec<R::Arr>, Vec<usize>)> {
+    let (layout, c_dim) = if channels_last { ("[N, H, W, C]", 3) } else { ("[N, C, H, W]", 1) };
     let items = any_items(xs, "xs")?;
     if items.is_empty() {
         return Err(PyValueError::new_err("xs: expected at least one feature map, got an empty list"));
@@ -41,11 +44,11 @@ fn read_maps<'py, R: Reader<'py>>(
     for (i, item) in items.iter().enumerate() {
         let arg = format!("xs[{i}]");
         let x = r.read(item, &arg)?;
-        let s = expect_rank(&arg, R::dims(&x), 4, "[N, C, H, W]")?.to_vec();
+        let s = expect_rank(&arg, R::dims(&x), 4, layout)?.to_vec();
         if i == 0 {
-            if s[1] != channels {
+            if s[c_dim] != channels {
                 return Err(PyValueError::new_err(format!(
-                    "{arg}: expected {channels} channels in dim 1, got shape {}",
+                    "{arg}: expected {channels} channels in dim {c_dim}, got shape {}",
                     fmt_shape(&s)
                 )));
             }
@@ -75,6 +78,16 @@ struct BackwardArgs<'a, 'py> {
     hidden: &'a Bound<'py, PyAny>,
     weights: &'a Bound<'py, PyAny>,
     scorer: ScorerArgs<'a, 'py>,
+    channels_last: bool,
+}
+
+/// `(N, C, H·W)` of a map of `shape` in the call's layout.
+fn dims_of(shape: &[usize], channels_last: bool) -> (usize, usize, usize) {
+    if channels_last {
+        (shape[0], shape[3], shape[1] * shape[2])
+    } else {
+        (shape[0], shape[1], shape[2] * shape[3])
+    }
 }
 
 /// The scorer of one call, read and checked.
@@ -131,16 +144,27 @@ fn forward_t<'py, T: Element + Float>(
     afi: &Afi,
     xs: &Bound<'py, PyAny>,
     scorer: ScorerArgs<'_, 'py>,
+    channels_last: bool,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let py = first.py();
     let mut r = Host::<T>::new();
-    let (maps, shape) = read_maps(&mut r, xs, afi.channels)?;
+    let (maps, shape) = read_maps(&mut r, xs, afi.channels, channels_last)?;
     let scorer = Scorer::read(&r, afi, scorer)?;
-    let (n, c, hw) = (shape[0], shape[1], shape[2] * shape[3]);
+    let (n, c, hw) = dims_of(&shape, channels_last);
     let slices: Vec<&[T]> = maps.iter().map(|x| x.slice()).collect();
     let p = scorer.params();
-    let f = compute(py, || backend!(afi::forward, candle_afi::forward_host, (&slices, n, c, hw, &p)))?
-        .map_err(to_py_err)?;
+    let f = compute(py, || {
+        if channels_last {
+            backend!(
+                afi::forward_channels_last,
+                candle_afi::forward_host_channels_last,
+                (&slices, n, c, hw, &p)
+            )
+        } else {
+            backend!(afi::forward, candle_afi::forward_host, (&slices, n, c, hw, &p))
+        }
+    })?
+    .map_err(to_py_err)?;
     let m = maps.len();
     tuple(
         py,
@@ -160,16 +184,26 @@ fn backward_t<'py, T: Element + Float>(
 ) -> PyResult<Bound<'py, PyTuple>> {
     let py = grad_out.py();
     let mut r = Host::<T>::new();
-    let (maps, shape) = read_maps(&mut r, a.xs, afi.channels)?;
+    let (maps, shape) = read_maps(&mut r, a.xs, afi.channels, a.channels_last)?;
     let go = r.shaped(grad_out, "grad_out", &shape)?;
-    let (m, n, c, hw) = (maps.len(), shape[0], shape[1], shape[2] * shape[3]);
+    let (n, c, hw) = dims_of(&shape, a.channels_last);
+    let m = maps.len();
     let (zs, hs, ws) = read_saved(&r, afi, m, n, a)?;
     let scorer = Scorer::read(&r, afi, a.scorer)?;
     let slices: Vec<&[T]> = maps.iter().map(|x| x.slice()).collect();
     let (gos, p) = (go.slice(), scorer.params());
     let saved = Saved { z: zs.slice(), hidden: hs.slice(), weights: ws.slice() };
+    let channels_last = a.channels_last;
     let g = compute(py, || {
-        backend!(afi::backward, candle_afi::backward_host, (gos, &slices, n, c, hw, &p, &saved))
+        if channels_last {
+            backend!(
+                afi::backward_channels_last,
+                candle_afi::backward_host_channels_last,
+                (gos, &slices, n, c, hw, &p, &saved)
+            )
+        } else {
+            backend!(afi::backward, candle_afi::backward_host, (gos, &slices, n, c, hw, &p, &saved))
+        }
     })?
     .map_err(to_py_err)?;
     let grads_x = g.xs.into_iter().map(|gx| output(py, gx, &shape)).collect::<PyResult<Vec<_>>>()?;
@@ -220,10 +254,12 @@ impl Afi {
         format!("AFI(channels={}, hidden={})", self.channels, self.hidden)
     }
 
-    /// Forward. Returns `(out, z, hidden, weights)`: `out` like each map; `z`
-    /// `[M, N, C]` (pooled maps), `hidden` `[M, N, C/r]` (after the ReLU), `weights`
-    /// `[M, N, C]` (the softmax over maps) for `backward`.
-    #[pyo3(signature = (xs, fc1_weight, fc1_bias, fc2_weight, fc2_bias))]
+    /// Forward of `[N, C, H, W]` maps (`[N, H, W, C]` with `channels_last=True`: torch
+    /// `channels_last` maps permuted to their memory order). Returns `(out, z,
+    /// hidden, weights)`: `out` like each map; `z` `[M, N, C]` (pooled maps), `hidden`
+    /// `[M, N, C/r]` (after the ReLU), `weights` `[M, N, C]` (the softmax over maps)
+    /// for `backward`.
+    #[pyo3(signature = (xs, fc1_weight, fc1_bias, fc2_weight, fc2_bias, channels_last = false))]
     fn forward<'py>(
         &self,
         xs: &Bound<'py, PyAny>,
@@ -231,18 +267,19 @@ impl Afi {
         fc1_bias: Option<&Bound<'py, PyAny>>,
         fc2_weight: &Bound<'py, PyAny>,
         fc2_bias: Option<&Bound<'py, PyAny>>,
+        channels_last: bool,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let first = any_items(xs, "xs")?.into_iter().next().ok_or_else(|| {
             PyValueError::new_err("xs: expected at least one feature map, got an empty list")
         })?;
         let scorer = ScorerArgs { fc1_weight, fc1_bias, fc2_weight, fc2_bias };
-        dispatch!(&first, "xs[0]", forward_t(self, xs, scorer) | forward_cuda)
+        dispatch!(&first, "xs[0]", forward_t(self, xs, scorer, channels_last) | forward_cuda)
     }
 
     /// Backward. Returns `(grad_xs, grad_fc1_weight, grad_fc1_bias, grad_fc2_weight,
     /// grad_fc2_bias)`: `grad_xs` a list (one per map); a bias gradient is empty when
-    /// that bias is None.
-    #[pyo3(signature = (grad_out, xs, z, hidden, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias))]
+    /// that bias is None. `grad_out` and `xs` in the forward's layout.
+    #[pyo3(signature = (grad_out, xs, z, hidden, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias, channels_last = false))]
     #[allow(clippy::too_many_arguments)]
     fn backward<'py>(
         &self,
@@ -255,9 +292,10 @@ impl Afi {
         fc1_bias: Option<&Bound<'py, PyAny>>,
         fc2_weight: &Bound<'py, PyAny>,
         fc2_bias: Option<&Bound<'py, PyAny>>,
+        channels_last: bool,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let scorer = ScorerArgs { fc1_weight, fc1_bias, fc2_weight, fc2_bias };
-        let args = BackwardArgs { xs, z, hidden, weights, scorer };
+        let args = BackwardArgs { xs, z, hidden, weights, scorer, channels_last };
         dispatch!(grad_out, "grad_out", backward_t(self, &args) | backward_cuda)
     }
 }
@@ -288,11 +326,13 @@ fn forward_cuda<'py>(
     afi: &Afi,
     xs: &Bound<'py, PyAny>,
     scorer: ScorerArgs<'_, 'py>,
+    channels_last: bool,
 ) -> PyResult<Bound<'py, PyTuple>> {
     use super::dlpack::{self, candle_err, run};
+    super::no_channels_last_on_cuda(channels_last)?;
     let py = first.py();
     let mut r = dlpack::Cuda { like: None };
-    let (maps, shape) = read_maps(&mut r, xs, afi.channels)?;
+    let (maps, shape) = read_maps(&mut r, xs, afi.channels, false)?;
     dlpack::expect_samples("xs[0]", &shape)?;
     let like = maps[0].like();
     let scorer = cuda_scorer(&r, afi, scorer)?;
@@ -326,7 +366,8 @@ fn backward_cuda<'py>(
     let go = dlpack::input(grad_out, "grad_out", None)?;
     let like = go.like();
     let mut r = dlpack::Cuda { like: Some(like) };
-    let (maps, shape) = read_maps(&mut r, a.xs, afi.channels)?;
+    super::no_channels_last_on_cuda(a.channels_last)?;
+    let (maps, shape) = read_maps(&mut r, a.xs, afi.channels, false)?;
     dlpack::expect_samples("xs[0]", &shape)?;
     expect_shape("grad_out", go.dims(), &shape)?;
     let (m, n, c, hw) = (maps.len(), shape[0], shape[1], shape[2] * shape[3]);

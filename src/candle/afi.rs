@@ -118,8 +118,41 @@ fn params_on<T: Float>(c: usize, p: &rayon_afi::Params<T>, dev: &Device) -> Resu
     })
 }
 
-fn maps_on<T: Float>(xs: &[&[T]], dims: &[usize], dev: &Device) -> Result<Vec<Tensor>> {
-    xs.iter().map(|x| tensor(x, dims, dev)).collect()
+/// Host maps as the `[N, C, HW]` tensors the functions above take: transposed views
+/// of `[N, HW, C]` maps when `channels_last`.
+fn maps_on<T: Float>(
+    xs: &[&[T]],
+    n: usize,
+    c: usize,
+    hw: usize,
+    channels_last: bool,
+    dev: &Device,
+) -> Result<Vec<Tensor>> {
+    xs.iter().map(|x| map_on(x, n, c, hw, channels_last, dev)).collect()
+}
+
+fn map_on<T: Float>(
+    x: &[T],
+    n: usize,
+    c: usize,
+    hw: usize,
+    channels_last: bool,
+    dev: &Device,
+) -> Result<Tensor> {
+    if channels_last {
+        tensor(x, &[n, hw, c], dev)?.transpose(1, 2).map_err(err)
+    } else {
+        tensor(x, &[n, c, hw], dev)
+    }
+}
+
+/// An `[N, C, HW]` result on the host, `[N, HW, C]` when `channels_last`.
+fn map_host<T: Float>(t: &Tensor, channels_last: bool) -> Result<Vec<T>> {
+    if channels_last {
+        host(&t.transpose(1, 2).and_then(|t| t.contiguous()).map_err(err)?)
+    } else {
+        host(t)
+    }
 }
 
 /// [`forward`] on the CPU device with `kernels::afi::forward`'s signature.
@@ -130,11 +163,33 @@ pub fn forward_host<T: Float>(
     hw: usize,
     p: &rayon_afi::Params<T>,
 ) -> Result<rayon_afi::Forward<T>> {
+    forward_host_in(xs, n, c, hw, p, false)
+}
+
+/// [`forward`] on the CPU device with `kernels::afi::forward_channels_last`'s signature.
+pub fn forward_host_channels_last<T: Float>(
+    xs: &[&[T]],
+    n: usize,
+    c: usize,
+    hw: usize,
+    p: &rayon_afi::Params<T>,
+) -> Result<rayon_afi::Forward<T>> {
+    forward_host_in(xs, n, c, hw, p, true)
+}
+
+fn forward_host_in<T: Float>(
+    xs: &[&[T]],
+    n: usize,
+    c: usize,
+    hw: usize,
+    p: &rayon_afi::Params<T>,
+    channels_last: bool,
+) -> Result<rayon_afi::Forward<T>> {
     rayon_afi::validate(xs, n, c, hw, p)?;
     let dev = Device::Cpu;
-    let f = forward(&maps_on(xs, &[n, c, hw], &dev)?, &params_on(c, p, &dev)?).map_err(err)?;
+    let f = forward(&maps_on(xs, n, c, hw, channels_last, &dev)?, &params_on(c, p, &dev)?).map_err(err)?;
     Ok(rayon_afi::Forward {
-        out: host(&f.out)?,
+        out: map_host(&f.out, channels_last)?,
         z: host(&f.z)?,
         hidden: host(&f.hidden)?,
         weights: host(&f.weights)?,
@@ -142,7 +197,6 @@ pub fn forward_host<T: Float>(
 }
 
 /// [`backward`] on the CPU device with `kernels::afi::backward`'s signature.
-#[allow(clippy::too_many_arguments)]
 pub fn backward_host<T: Float>(
     grad_out: &[T],
     xs: &[&[T]],
@@ -152,6 +206,31 @@ pub fn backward_host<T: Float>(
     p: &rayon_afi::Params<T>,
     saved: &rayon_afi::Saved<T>,
 ) -> Result<rayon_afi::Grads<T>> {
+    backward_host_in(grad_out, xs, (n, c, hw), p, saved, false)
+}
+
+/// [`backward`] on the CPU device with `kernels::afi::backward_channels_last`'s
+/// signature.
+pub fn backward_host_channels_last<T: Float>(
+    grad_out: &[T],
+    xs: &[&[T]],
+    n: usize,
+    c: usize,
+    hw: usize,
+    p: &rayon_afi::Params<T>,
+    saved: &rayon_afi::Saved<T>,
+) -> Result<rayon_afi::Grads<T>> {
+    backward_host_in(grad_out, xs, (n, c, hw), p, saved, true)
+}
+
+fn backward_host_in<T: Float>(
+    grad_out: &[T],
+    xs: &[&[T]],
+    (n, c, hw): (usize, usize, usize),
+    p: &rayon_afi::Params<T>,
+    saved: &rayon_afi::Saved<T>,
+    channels_last: bool,
+) -> Result<rayon_afi::Grads<T>> {
     rayon_afi::validate(xs, n, c, hw, p)?;
     let m = xs.len();
     crate::kernels::check_len("grad_out", grad_out, &[n, c, hw])?;
@@ -159,15 +238,15 @@ pub fn backward_host<T: Float>(
     crate::kernels::check_len("saved.weights", saved.weights, &[m, n, c])?;
     let dev = Device::Cpu;
     let g = backward(
-        &tensor(grad_out, &[n, c, hw], &dev)?,
-        &maps_on(xs, &[n, c, hw], &dev)?,
+        &map_on(grad_out, n, c, hw, channels_last, &dev)?,
+        &maps_on(xs, n, c, hw, channels_last, &dev)?,
         &params_on(c, p, &dev)?,
         &tensor(saved.z, &[m, n, c], &dev)?,
         &tensor(saved.weights, &[m, n, c], &dev)?,
     )
     .map_err(err)?;
     Ok(rayon_afi::Grads {
-        xs: g.xs.iter().map(host).collect::<Result<_>>()?,
+        xs: g.xs.iter().map(|t| map_host(t, channels_last)).collect::<Result<_>>()?,
         fc1_weight: host(&g.fc1_weight)?,
         fc1_bias: g.fc1_bias.as_ref().map(host).transpose()?,
         fc2_weight: host(&g.fc2_weight)?,
@@ -180,7 +259,7 @@ mod tests {
     use super::*;
     use crate::candle::testing::{close, rand, tol};
 
-    fn check<T: Float>(m: usize, n: usize, c: usize, hw: usize, hidden: usize, biases: bool) {
+    fn check<T: Float>(m: usize, n: usize, c: usize, hw: usize, hidden: usize, biases: bool, last: bool) {
         let maps: Vec<Vec<T>> = (0..m).map(|i| rand(n * c * hw, 10 + i as u64)).collect();
         let xs: Vec<&[T]> = maps.iter().map(|v| &v[..]).collect();
         let (w1, w2): (Vec<T>, Vec<T>) = (rand(hidden * c, 1), rand(c * hidden, 2));
@@ -193,14 +272,31 @@ mod tests {
             fc2_bias: biases.then_some(&b2[..]),
         };
         let t = tol::<T>();
-        let want = rayon_afi::forward(&xs, n, c, hw, &p).unwrap();
-        let got = forward_host(&xs, n, c, hw, &p).unwrap();
+        let (want, got) = if last {
+            (
+                rayon_afi::forward_channels_last(&xs, n, c, hw, &p),
+                forward_host_channels_last(&xs, n, c, hw, &p),
+            )
+        } else {
+            (rayon_afi::forward(&xs, n, c, hw, &p), forward_host(&xs, n, c, hw, &p))
+        };
+        let (want, got) = (want.unwrap(), got.unwrap());
         close("out", &got.out, &want.out, t);
         close("z", &got.z, &want.z, t);
         close("hidden", &got.hidden, &want.hidden, t);
         close("weights", &got.weights, &want.weights, t);
-        let want = rayon_afi::backward(&go, &xs, n, c, hw, &p, &want.saved()).unwrap();
-        let got = backward_host(&go, &xs, n, c, hw, &p, &got.saved()).unwrap();
+        let (want, got) = if last {
+            (
+                rayon_afi::backward_channels_last(&go, &xs, n, c, hw, &p, &want.saved()),
+                backward_host_channels_last(&go, &xs, n, c, hw, &p, &got.saved()),
+            )
+        } else {
+            (
+                rayon_afi::backward(&go, &xs, n, c, hw, &p, &want.saved()),
+                backward_host(&go, &xs, n, c, hw, &p, &got.saved()),
+            )
+        };
+        let (want, got) = (want.unwrap(), got.unwrap());
         for (i, (a, b)) in got.xs.iter().zip(&want.xs).enumerate() {
             close(&format!("grad xs[{i}]"), a, b, t);
         }
@@ -216,8 +312,10 @@ mod tests {
     #[test]
     fn candle_matches_rayon() {
         for (m, biases) in [(1, false), (3, true), (2, false)] {
-            check::<f64>(m, 3, 8, 5, 2, biases);
-            check::<f32>(m, 2, 8, 6, 4, biases);
+            for last in [false, true] {
+                check::<f64>(m, 3, 8, 5, 2, biases, last);
+                check::<f32>(m, 2, 8, 6, 4, biases, last);
+            }
         }
     }
 }

@@ -21,6 +21,7 @@
 //!
 //! No full-size temporary besides the outputs.
 
+use super::channels_last;
 use super::gemm::{matmul, matmul_new, matmul_serial, Mat};
 use super::pool::{dots, planes_per_task, sums};
 use super::{check_len, checked_numel, column_totals, output_buffer, stream, Error, Float, Result};
@@ -284,6 +285,67 @@ pub fn forward<T: Float>(xs: &[&[T]], n: usize, c: usize, hw: usize, p: &Params<
     Ok(Forward { out, z, hidden: h, weights })
 }
 
+/// [`forward`] of channels-last maps (`[N, H, W, C]` in memory, torch's
+/// `channels_last`), `R` channels-last too: one pass pools each map, the scorer runs
+/// on all `M·N` rows at once, a second pass writes `R`. The saved tensors are as
+/// [`forward`]'s.
+pub fn forward_channels_last<T: Float>(
+    xs: &[&[T]],
+    n: usize,
+    c: usize,
+    hw: usize,
+    p: &Params<T>,
+) -> Result<Forward<T>> {
+    let Dims { m, hidden, .. } = validate(xs, n, c, hw, p)?;
+    let z: Vec<T> = xs.iter().flat_map(|x| channels_last::pool(x, n, hw, c)).collect();
+    let (h, weights) = score(&z, m, c, hidden, p, false);
+    let out = channels_last::weighted_sum(xs, &weights, n, hw, c);
+    Ok(Forward { out, z, hidden: h, weights })
+}
+
+/// [`backward`] of channels-last maps: `grad_out`, the maps and their gradients are
+/// `[N, H, W, C]` in memory.
+pub fn backward_channels_last<T: Float>(
+    grad_out: &[T],
+    xs: &[&[T]],
+    n: usize,
+    c: usize,
+    hw: usize,
+    p: &Params<T>,
+    saved: &Saved<T>,
+) -> Result<Grads<T>> {
+    let Dims { m, nc, mn, hidden } = validate(xs, n, c, hw, p)?;
+    check_saved(grad_out, n, c, hw, m, hidden, saved)?;
+    // g[pl*m + i] = Σ_hw grad_R · X_i, plane-major as `softmax_backward` takes it.
+    let mut g = vec![0.0f64; nc * m];
+    for (i, x) in xs.iter().enumerate() {
+        for (pl, v) in channels_last::dots(grad_out, x, n, hw, c).into_iter().enumerate() {
+            g[pl * m + i] = v;
+        }
+    }
+    let ds = softmax_backward(&g, saved.weights, m, nc);
+    let (dh, dz) = scorer_backward(&ds, saved.hidden, c, hw, p, false);
+    let (fc1_weight, fc1_bias, fc2_weight, fc2_bias) = parameter_grads(&ds, &dh, saved, mn, c, hidden, p);
+    let xs = channels_last::affine_each(grad_out, saved.weights, &dz, m, n, hw, c);
+    Ok(Grads { xs, fc1_weight, fc1_bias, fc2_weight, fc2_bias })
+}
+
+/// Checks the backward's `grad_out` and saved tensors against the sizes.
+fn check_saved<T>(
+    grad_out: &[T],
+    n: usize,
+    c: usize,
+    hw: usize,
+    m: usize,
+    hidden: usize,
+    saved: &Saved<T>,
+) -> Result<()> {
+    check_len("grad_out", grad_out, &[n, c, hw])?;
+    check_len("saved.z", saved.z, &[m, n, c])?;
+    check_len("saved.hidden", saved.hidden, &[m, n, hidden])?;
+    check_len("saved.weights", saved.weights, &[m, n, c])
+}
+
 /// Whether the forward streams `R` (`planes` planes of `hw`) out: when it is large enough
 /// ([`stream::worth_it`]) and `m` maps are summed in one sweep (more are added by
 /// reading the plane back).
@@ -515,10 +577,7 @@ pub fn backward<T: Float>(
 ) -> Result<Grads<T>> {
     let d = validate(xs, n, c, hw, p)?;
     let Dims { m, nc, mn, hidden } = d;
-    check_len("grad_out", grad_out, &[n, c, hw])?;
-    check_len("saved.z", saved.z, &[m, n, c])?;
-    check_len("saved.hidden", saved.hidden, &[m, n, hidden])?;
-    check_len("saved.weights", saved.weights, &[m, n, c])?;
+    check_saved(grad_out, n, c, hw, m, hidden, saved)?;
     let weights = saved.weights;
     if n > 0
         && n >= rayon::current_num_threads()
@@ -1107,6 +1166,44 @@ mod tests {
         assert!(rel(&g32.fc2_weight, &g.fc2_weight) < 1e-3);
         assert!(rel(g32.fc1_bias.as_ref().unwrap(), g.fc1_bias.as_ref().unwrap()) < 1e-3);
         assert!(rel(g32.fc2_bias.as_ref().unwrap(), g.fc2_bias.as_ref().unwrap()) < 1e-3);
+    }
+
+    #[test]
+    fn channels_last_maps_give_the_channels_first_results() {
+        use crate::kernels::channels_last::to_nhwc;
+        for (m, n, c, hd, hw, bias) in
+            [(3, 4, 6, 3, 5, true), (1, 2, 5, 2, 7, false), (5, 3, 8, 4, 600, true)]
+        {
+            let case = Case::new(m, n, c, hd, hw, bias, 70 + m as u64);
+            let xl: Vec<Vec<f64>> = case.xs.iter().map(|x| to_nhwc(x, n, c, hw)).collect();
+            let xl_refs: Vec<&[f64]> = xl.iter().map(|x| x.as_slice()).collect();
+            let go = rand_vec(n * c * hw, 99);
+            let gl = to_nhwc(&go, n, c, hw);
+            for threads in [1, n + 1] {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let (f0, g0, f1, g1) = pool.install(|| {
+                    let p = case.params();
+                    let f0 = forward(&case.x_refs(), n, c, hw, &p).unwrap();
+                    let g0 = backward(&go, &case.x_refs(), n, c, hw, &p, &f0.saved()).unwrap();
+                    let f1 = forward_channels_last(&xl_refs, n, c, hw, &p).unwrap();
+                    let g1 = backward_channels_last(&gl, &xl_refs, n, c, hw, &p, &f1.saved()).unwrap();
+                    (f0, g0, f1, g1)
+                });
+                let what = format!("{m} maps, {n}x{c}x{hw}, {threads} threads");
+                assert!(max_err(&f1.out, &to_nhwc(&f0.out, n, c, hw)) < 1e-12, "out, {what}");
+                assert!(max_err(&f1.z, &f0.z) < 1e-12, "z, {what}");
+                assert!(max_err(&f1.weights, &f0.weights) < 1e-12, "weights, {what}");
+                for (a, b) in g1.xs.iter().zip(&g0.xs) {
+                    assert!(max_err(a, &to_nhwc(b, n, c, hw)) < 1e-12, "grad x, {what}");
+                }
+                assert!(max_err(&g1.fc1_weight, &g0.fc1_weight) < 1e-11, "grad fc1_weight, {what}");
+                assert!(max_err(&g1.fc2_weight, &g0.fc2_weight) < 1e-11, "grad fc2_weight, {what}");
+                if bias {
+                    assert!(max_err(g1.fc1_bias.as_ref().unwrap(), g0.fc1_bias.as_ref().unwrap()) < 1e-11);
+                    assert!(max_err(g1.fc2_bias.as_ref().unwrap(), g0.fc2_bias.as_ref().unwrap()) < 1e-11);
+                }
+            }
+        }
     }
 
     #[test]

@@ -327,9 +327,7 @@ mod tests {
     #[test]
     fn each_operation_equals_its_channels_first_twin() {
         // Row counts around the block and part sizes; odd channel counts.
-        for (n, c, hw) in
-            [(1, 1, 1), (2, 3, 5), (3, 7, 49), (2, 5, 67), (2, 4, PART + 9), (1, 9, 2 * PART)]
-        {
+        for (n, c, hw) in [(1, 1, 1), (2, 3, 5), (3, 7, 49), (2, 5, 67), (2, 4, PART + 9), (1, 9, 2 * PART)] {
             let x = data(n * c * hw, 1);
             let g = data(n * c * hw, 2);
             let (xl, gl) = (to_nhwc(&x, n, c, hw), to_nhwc(&g, n, c, hw));
