@@ -320,6 +320,16 @@ def from_nhwc(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 3, 1, 2)
 
 
+def map_to_array(t: torch.Tensor, channels_last: bool):
+    """:func:`to_array` of a map, in its memory order when ``channels_last``."""
+    return to_array(to_nhwc(t) if channels_last else t)
+
+
+def map_from_array(a, channels_last: bool) -> torch.Tensor:
+    """:func:`from_array` of a kernel's map, ``channels_last`` when it is one."""
+    return from_nhwc(from_array(a)) if channels_last else from_array(a)
+
+
 def from_array(a) -> torch.Tensor:
     """A kernel result as a tensor, without a copy: a NumPy array (CPU) or a DLPack
     capsule (CUDA)."""

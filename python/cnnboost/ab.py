@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from . import _core
 from . import reference
-from ._torch import autocast_input, core_for, check_bool, check_eps, check_int, check_momentum, sync_active, synced_batch_norm, check_tensor, from_array, from_nhwc, is_channels_last, kernel_op, map_format, refuse_scripting, to_array, to_nhwc, torch_ops_active, update_running_stats
+from ._torch import autocast_input, core_for, check_bool, check_eps, check_int, check_momentum, sync_active, synced_batch_norm, check_tensor, from_array, is_channels_last, kernel_op, map_format, map_from_array, map_to_array, refuse_scripting, to_array, torch_ops_active, update_running_stats
 
 __all__ = ["AB"]
 
@@ -44,11 +44,10 @@ def ab_forward(
     in that memory order."""
     k = _kernels(core_for(x), x.shape[1], groups, eps)
     out, *rest = k.forward(
-        to_array(to_nhwc(x) if channels_last else x), to_array(conv_weight), _np(conv_bias), to_array(bn_weight),
+        map_to_array(x, channels_last), to_array(conv_weight), _np(conv_bias), to_array(bn_weight),
         to_array(bn_bias), to_array(running_mean), to_array(running_var), training, channels_last,
     )
-    out = from_nhwc(from_array(out)) if channels_last else from_array(out)
-    return (out, *(from_array(a) for a in rest))  # type: ignore[return-value]
+    return (map_from_array(out, channels_last), *(from_array(a) for a in rest))  # type: ignore[return-value]
 
 
 @ab_forward.register_fake
@@ -82,14 +81,11 @@ def ab_backward(
     """Returns (grad_x, grad_conv_weight, grad_conv_bias (empty without a bias),
     grad_bn_weight, grad_bn_bias); ``grad_out`` and ``x`` in the forward's layout."""
     k = _kernels(core_for(x), x.shape[1], groups, eps)
-    if channels_last:
-        grad_out, x = to_nhwc(grad_out), to_nhwc(x)
     gx, *rest = k.backward(
-        to_array(grad_out), to_array(x), to_array(pooled), to_array(mean), to_array(invstd),
+        map_to_array(grad_out, channels_last), map_to_array(x, channels_last), to_array(pooled), to_array(mean), to_array(invstd),
         to_array(conv_weight), _np(conv_bias), to_array(bn_weight), to_array(bn_bias), training, channels_last,
     )
-    gx = from_nhwc(from_array(gx)) if channels_last else from_array(gx)
-    return (gx, *(from_array(a) for a in rest))  # type: ignore[return-value]
+    return (map_from_array(gx, channels_last), *(from_array(a) for a in rest))  # type: ignore[return-value]
 
 
 @ab_backward.register_fake

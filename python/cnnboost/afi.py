@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from . import _core, reference
-from ._torch import (autocast_input, core_for, check_int, check_tensor, from_array, from_nhwc, is_channels_last,
-                     kernel_op, map_format, refuse_scripting, to_array, to_nhwc, torch_ops_active)
+from ._torch import (autocast_input, core_for, check_int, check_tensor, from_array, is_channels_last, kernel_op,
+                     map_format, map_from_array, map_to_array, refuse_scripting, to_array, torch_ops_active)
 
 __all__ = ["AFI"]
 
@@ -39,11 +39,10 @@ def afi_forward(
     ``channels_last``: every map is a CPU ``channels_last`` map, read (and the fused
     map written) in that memory order."""
     out, *rest = _kernels(core_for(fc1_weight), fc1_weight.shape[1], reduction).forward(
-        [to_array(to_nhwc(x) if channels_last else x) for x in xs], to_array(fc1_weight), _np(fc1_bias),
+        [map_to_array(x, channels_last) for x in xs], to_array(fc1_weight), _np(fc1_bias),
         to_array(fc2_weight), _np(fc2_bias), channels_last,
     )
-    out = from_nhwc(from_array(out)) if channels_last else from_array(out)
-    return (out, *(from_array(a) for a in rest))  # type: ignore[return-value]
+    return (map_from_array(out, channels_last), *(from_array(a) for a in rest))  # type: ignore[return-value]
 
 
 @afi_forward.register_fake
@@ -75,13 +74,11 @@ def afi_backward(
     """Returns [grad_x_1 … grad_x_M, grad_fc1_weight, grad_fc1_bias, grad_fc2_weight,
     grad_fc2_bias] (a bias gradient is empty when the bias is None); ``grad_out`` and
     ``xs`` in the forward's layout."""
-    maps = (lambda t: to_array(to_nhwc(t))) if channels_last else to_array
     gxs, gw1, gb1, gw2, gb2 = _kernels(core_for(fc1_weight), fc1_weight.shape[1], reduction).backward(
-        maps(grad_out), [maps(x) for x in xs], to_array(z), to_array(hidden), to_array(weights),
+        map_to_array(grad_out, channels_last), [map_to_array(x, channels_last) for x in xs], to_array(z), to_array(hidden), to_array(weights),
         to_array(fc1_weight), _np(fc1_bias), to_array(fc2_weight), _np(fc2_bias), channels_last,
     )
-    gxs = [from_nhwc(from_array(g)) if channels_last else from_array(g) for g in gxs]
-    return gxs + [from_array(a) for a in (gw1, gb1, gw2, gb2)]
+    return [map_from_array(g, channels_last) for g in gxs] + [from_array(a) for a in (gw1, gb1, gw2, gb2)]
 
 
 @afi_backward.register_fake

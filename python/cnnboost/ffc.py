@@ -26,10 +26,10 @@ from ._torch import (
     grad_is_stored,
     is_channels_last,
     kernel_op,
+    map_to_array,
     pooling_grad,
     refuse_scripting,
     to_array,
-    to_nhwc,
     torch_ops_active,
 )
 
@@ -66,7 +66,7 @@ def ffc_forward(
     ``channels_last`` map, read in that memory order."""
     k = _kernels(core_for(ln_weight), ln_weight.shape[0], combine, eps)
     out, pooled = k.forward(
-        to_array(to_nhwc(x) if channels_last else x),
+        map_to_array(x, channels_last),
         to_array(ln_weight),
         to_array(ln_bias),
         to_array(fc_weight),
@@ -158,7 +158,7 @@ def ffc_vote(
 ) -> Tensor:
     k = _kernels(core_for(ln_weight), ln_weight.shape[0], combine, eps)
     return from_array(k.vote(
-        to_array(to_nhwc(x) if channels_last else x), to_array(ln_weight), to_array(ln_bias), to_array(fc_weight),
+        map_to_array(x, channels_last), to_array(ln_weight), to_array(ln_bias), to_array(fc_weight),
         to_array(fc_bias), channels_last,
     ))
 

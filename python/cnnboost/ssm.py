@@ -30,12 +30,12 @@ from ._torch import (
     grad_is_stored,
     is_channels_last,
     kernel_op,
+    map_to_array,
     pooling_grad,
     sync_active,
     synced_batch_norm,
     refuse_scripting,
     to_array,
-    to_nhwc,
     torch_ops_active,
     update_running_stats_of,
 )
@@ -75,7 +75,7 @@ def ssm_forward(
     eval); pooled: the [N, C] average of a 4-d x (empty for a 2-d x, its own)."""
     k = _kernels(core_for(fc_weights[0]), len(fc_weights), norm_last_head, eps)
     arrays = k.forward(
-        to_array(to_nhwc(x) if channels_last else x),
+        map_to_array(x, channels_last),
         _arrays(fc_weights),
         _arrays(fc_biases),
         _arrays(bn_weights),

@@ -198,19 +198,24 @@ pub fn weighted_sum<T: Float>(xs: &[&[T]], w: &[T], n: usize, hw: usize, c: usiz
     spare.par_chunks_mut(hw * c).enumerate().for_each(|(s, o)| {
         let ws: Vec<&[T]> = (0..m).map(|i| &w[i * nc + s * c..i * nc + (s + 1) * c]).collect();
         o.par_chunks_mut(rows * c).enumerate().for_each(|(k, o)| {
+            // One row summed in `acc` map by map (vectorised across channels), then
+            // stored once.
+            let mut acc = vec![T::zero(); c];
             for (q, orow) in o.chunks_exact_mut(c).enumerate() {
                 let at = s * hw * c + (k * rows + q) * c;
-                let row = |i: usize, j: usize| ws[i][j] * xs[i][at + j];
-                let value = |j: usize| (1..m).fold(row(0, j), |v, i| v + row(i, j));
+                for ((a, &wv), &xv) in acc.iter_mut().zip(ws[0]).zip(&xs[0][at..at + c]) {
+                    *a = wv * xv;
+                }
+                for (wi, xi) in ws.iter().zip(xs).skip(1) {
+                    for ((a, &wv), &xv) in acc.iter_mut().zip(*wi).zip(&xi[at..at + c]) {
+                        *a += wv * xv;
+                    }
+                }
                 if streaming {
-                    stream::fill(orow, |at, vals| {
-                        for (q, d) in vals.iter_mut().enumerate() {
-                            *d = value(at + q);
-                        }
-                    });
+                    stream::store(orow, &acc);
                 } else {
-                    for (j, d) in orow.iter_mut().enumerate() {
-                        d.write(value(j));
+                    for (d, &v) in orow.iter_mut().zip(&acc) {
+                        d.write(v);
                     }
                 }
             }
