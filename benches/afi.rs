@@ -56,3 +56,18 @@ fn backward(b: Bencher, i: usize) {
     let g = data(s.n * s.c * s.hw, 7);
     b.bench(|| afi::backward(&g, &s.maps(), s.n, s.c, s.hw, &s.params(), &f.saved()).unwrap());
 }
+
+/// The forward on channels-last maps (torch's `channels_last`: `[N, H, W, C]` in memory).
+#[divan::bench(args = [0, 1], sample_count = 20)]
+fn forward_channels_last(b: Bencher, i: usize) {
+    let s = Setup::new(i);
+    b.bench(|| afi::forward_channels_last(&s.maps(), s.n, s.c, s.hw, &s.params()).unwrap());
+}
+
+#[divan::bench(args = [0, 1], sample_count = 20)]
+fn backward_channels_last(b: Bencher, i: usize) {
+    let s = Setup::new(i);
+    let f = afi::forward_channels_last(&s.maps(), s.n, s.c, s.hw, &s.params()).unwrap();
+    let g = data(s.n * s.c * s.hw, 7);
+    b.bench(|| afi::backward_channels_last(&g, &s.maps(), s.n, s.c, s.hw, &s.params(), &f.saved()).unwrap());
+}

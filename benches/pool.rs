@@ -4,7 +4,7 @@
 //! same map: the roofline those passes are held to.
 //! `cargo bench --bench pool`
 
-use cnnboost::kernels::pool;
+use cnnboost::kernels::{channels_last, pool};
 use divan::{black_box, Bencher};
 use rayon::prelude::*;
 
@@ -40,6 +40,14 @@ fn global_avg_pool(b: Bencher, shape: usize) {
     let (planes, hw) = SHAPES[shape];
     let x = data(planes * hw, 1);
     b.bench(|| pool::global_avg_pool(black_box(&x), hw));
+}
+
+/// The same pooling of the map read as channels-last (`[N, H, W, C]` in memory, N = 32).
+#[divan::bench(args = [0, 1], sample_count = 30)]
+fn global_avg_pool_channels_last(b: Bencher, shape: usize) {
+    let (planes, hw) = SHAPES[shape];
+    let x = data(planes * hw, 1);
+    b.bench(|| channels_last::pool(black_box(&x), 32, hw, planes / 32));
 }
 
 #[divan::bench(args = [0, 1], sample_count = 30)]

@@ -245,9 +245,8 @@ fn fuse_plane<T: Float>(
 /// runs on all `M·N` rows at once, a second pass writes `R`.
 pub fn forward<T: Float>(xs: &[&[T]], n: usize, c: usize, hw: usize, p: &Params<T>) -> Result<Forward<T>> {
     let d = validate(xs, n, c, hw, p)?;
-    let sample_bytes = d.m * c * hw * std::mem::size_of::<T>();
-    if n > 0 && n >= rayon::current_num_threads() && sample_bytes <= PER_SAMPLE_MAX_BYTES {
-        return Ok(forward_per_sample(xs, n, c, hw, p, d));
+    if per_sample(n, d.m * c * hw * std::mem::size_of::<T>()) {
+        return Ok(forward_per_sample(xs, n, c, hw, p, d, false));
     }
     let Dims { m, nc, hidden, .. } = d;
 
@@ -286,9 +285,9 @@ pub fn forward<T: Float>(xs: &[&[T]], n: usize, c: usize, hw: usize, p: &Params<
 }
 
 /// [`forward`] of channels-last maps (`[N, H, W, C]` in memory, torch's
-/// `channels_last`), `R` channels-last too: one pass pools each map, the scorer runs
-/// on all `M·N` rows at once, a second pass writes `R`. The saved tensors are as
-/// [`forward`]'s.
+/// `channels_last`), `R` channels-last too, by the same two routes as [`forward`]:
+/// one sample per task, or one pass pooling each map, the scorer on all `M·N` rows at
+/// once, and a second pass writing `R`. The saved tensors are as [`forward`]'s.
 pub fn forward_channels_last<T: Float>(
     xs: &[&[T]],
     n: usize,
@@ -296,7 +295,11 @@ pub fn forward_channels_last<T: Float>(
     hw: usize,
     p: &Params<T>,
 ) -> Result<Forward<T>> {
-    let Dims { m, hidden, .. } = validate(xs, n, c, hw, p)?;
+    let d = validate(xs, n, c, hw, p)?;
+    if per_sample(n, d.m * c * hw * std::mem::size_of::<T>()) {
+        return Ok(forward_per_sample(xs, n, c, hw, p, d, true));
+    }
+    let Dims { m, hidden, .. } = d;
     let z: Vec<T> = xs.iter().flat_map(|x| channels_last::pool(x, n, hw, c)).collect();
     let (h, weights) = score(&z, m, c, hidden, p, false);
     let out = channels_last::weighted_sum(xs, &weights, n, hw, c);
@@ -314,8 +317,12 @@ pub fn backward_channels_last<T: Float>(
     p: &Params<T>,
     saved: &Saved<T>,
 ) -> Result<Grads<T>> {
-    let Dims { m, nc, mn, hidden } = validate(xs, n, c, hw, p)?;
+    let d = validate(xs, n, c, hw, p)?;
+    let Dims { m, nc, mn, hidden } = d;
     check_saved(grad_out, n, c, hw, m, hidden, saved)?;
+    if per_sample(n, m * c * hw * std::mem::size_of::<T>()) {
+        return Ok(backward_per_sample(grad_out, xs, n, c, hw, p, saved, d, true));
+    }
     // g[pl*m + i] = Σ_hw grad_R · X_i, plane-major as `softmax_backward` takes it.
     let mut g = vec![0.0f64; nc * m];
     for (i, x) in xs.iter().enumerate() {
@@ -371,7 +378,13 @@ fn map_major<T: Float>(plane_major: &[T], m: usize) -> Vec<T> {
 /// pooling and the weighted sum (the paper's shapes: 2.4 MB).
 const PER_SAMPLE_MAX_BYTES: usize = 4 << 20;
 
-/// [`forward`], one sample per task.
+/// Whether [`forward`] takes one sample per task: at least as many samples as threads,
+/// and a sample's maps (`sample_bytes`) small enough to stay in cache.
+fn per_sample(n: usize, sample_bytes: usize) -> bool {
+    n > 0 && n >= rayon::current_num_threads() && sample_bytes <= PER_SAMPLE_MAX_BYTES
+}
+
+/// [`forward`] (or, `channels_last`, [`forward_channels_last`]), one sample per task.
 fn forward_per_sample<T: Float>(
     xs: &[&[T]],
     n: usize,
@@ -379,25 +392,40 @@ fn forward_per_sample<T: Float>(
     hw: usize,
     p: &Params<T>,
     d: Dims,
+    channels_last: bool,
 ) -> Forward<T> {
     let Dims { m, nc, hidden, .. } = d;
     let sample = c * hw;
     let mut out = output_buffer::<T>(nc * hw);
     // Per sample: (z [M, C], hidden [M, hidden], weights [M, C]), scattered below.
     let mut small: Vec<(Vec<T>, Vec<T>, Vec<T>)> = Vec::with_capacity(n);
-    let streaming = streams_out::<T>(m, nc, hw);
+    let streaming =
+        if channels_last { stream::worth_it::<T>(nc * hw, c) } else { streams_out::<T>(m, nc, hw) };
     out.spare_capacity_mut()[..nc * hw]
         .par_chunks_mut(sample)
         .enumerate()
         .map(|(b, o)| {
+            let maps: Vec<&[T]> = xs.iter().map(|x| &x[b * sample..(b + 1) * sample]).collect();
+            if channels_last {
+                // Each map's sample is an HW × C matrix: its channel means, the
+                // scorer, then every row of R summed from the maps' rows.
+                let z: Vec<T> = channels_last::sample_means_each(&maps, hw, c).concat();
+                let (h, w) = score(&z, m, c, hidden, p, true);
+                let ws: Vec<&[T]> = w.chunks_exact(c).collect();
+                channels_last::weighted_rows_into(o, &maps, &ws, streaming);
+                if streaming {
+                    stream::fence();
+                }
+                return (z, h, w);
+            }
             let mut zt = vec![T::zero(); c * m]; // [C, M]: plane-major
             for (ch, zq) in zt.chunks_exact_mut(m).enumerate() {
-                plane_means(xs, b * c + ch, hw, zq);
+                plane_means(&maps, ch, hw, zq);
             }
             let z = map_major(&zt, m);
             let (h, w) = score(&z, m, c, hidden, p, true);
             for (ch, dst) in o.chunks_exact_mut(hw).enumerate() {
-                fuse_plane(xs, b * c + ch, hw, dst, |i| w[i * c + ch], streaming);
+                fuse_plane(&maps, ch, hw, dst, |i| w[i * c + ch], streaming);
             }
             if streaming {
                 stream::fence();
@@ -579,11 +607,8 @@ pub fn backward<T: Float>(
     let Dims { m, nc, mn, hidden } = d;
     check_saved(grad_out, n, c, hw, m, hidden, saved)?;
     let weights = saved.weights;
-    if n > 0
-        && n >= rayon::current_num_threads()
-        && m * c * hw * std::mem::size_of::<T>() <= PER_SAMPLE_MAX_BYTES
-    {
-        return Ok(backward_per_sample(grad_out, xs, n, c, hw, p, saved, d));
+    if per_sample(n, m * c * hw * std::mem::size_of::<T>()) {
+        return Ok(backward_per_sample(grad_out, xs, n, c, hw, p, saved, d, false));
     }
 
     // Pass 1: g[pl*m + i] = Σ_hw grad_R · X_i over plane pl (plane-major, f64).
@@ -629,10 +654,10 @@ pub fn backward<T: Float>(
     Ok(Grads { xs: gxs, fc1_weight, fc1_bias, fc2_weight, fc2_bias })
 }
 
-/// [`backward`], one sample per task: the dots of the sample's planes of `grad_R`
-/// with every map, the softmax and scorer backward of that sample, then its planes
-/// of every `grad_X_i`, while its `grad_R` is still in cache. The parameter
-/// gradients sum over samples, after.
+/// [`backward`] (or, `channels_last`, [`backward_channels_last`]), one sample per
+/// task: the dots of the sample's planes of `grad_R` with every map, the softmax and
+/// scorer backward of that sample, then its planes of every `grad_X_i`, while its
+/// `grad_R` is still in cache. The parameter gradients sum over samples, after.
 #[allow(clippy::too_many_arguments)]
 fn backward_per_sample<T: Float>(
     grad_out: &[T],
@@ -643,13 +668,14 @@ fn backward_per_sample<T: Float>(
     p: &Params<T>,
     saved: &Saved<T>,
     d: Dims,
+    channels_last: bool,
 ) -> Grads<T> {
     let Dims { m, nc, mn, hidden } = d;
     let (weights, sample) = (saved.weights, c * hw);
     let total = nc * hw;
     let mut gxs: Vec<Vec<T>> = (0..m).map(|_| output_buffer::<T>(total)).collect();
     let tasks = split_outputs(&mut gxs, total, sample);
-    let streaming = stream::worth_it::<T>(m * total, hw);
+    let streaming = stream::worth_it::<T>(m * total, if channels_last { c } else { hw });
     // Per sample: (dS [M, C], dH [M, hidden]), for the parameter gradients.
     let mut small: Vec<(Vec<T>, Vec<T>)> = Vec::with_capacity(n);
     tasks
@@ -657,9 +683,18 @@ fn backward_per_sample<T: Float>(
         .zip(grad_out.par_chunks(sample))
         .enumerate()
         .map(|(b, (mut dsts, go))| {
+            let maps: Vec<&[T]> = xs.iter().map(|x| &x[b * sample..(b + 1) * sample]).collect();
             let mut g = vec![0.0f64; c * m]; // [C, M]: plane-major
-            for (ch, (gq, gp)) in g.chunks_exact_mut(m).zip(go.chunks_exact(hw)).enumerate() {
-                plane_dots(xs, b * c + ch, hw, gp, gq);
+            if channels_last {
+                for (i, dots) in channels_last::sample_dots_each(go, &maps, hw, c).into_iter().enumerate() {
+                    for (ch, v) in dots.into_iter().enumerate() {
+                        g[ch * m + i] = v;
+                    }
+                }
+            } else {
+                for (ch, (gq, gp)) in g.chunks_exact_mut(m).zip(go.chunks_exact(hw)).enumerate() {
+                    plane_dots(&maps, ch, hw, gp, gq);
+                }
             }
             // This sample's saved rows: weights [M, C] and hidden [M, hidden].
             let w: Vec<T> = (0..m).flat_map(|i| weights[i * nc + b * c..][..c].iter().copied()).collect();
@@ -667,9 +702,14 @@ fn backward_per_sample<T: Float>(
                 (0..m).flat_map(|i| saved.hidden[(i * n + b) * hidden..][..hidden].iter().copied()).collect();
             let ds = softmax_backward(&g, &w, m, c);
             let (dh, dz) = scorer_backward(&ds, &h, c, hw, p, true);
-            for (ch, gp) in go.chunks_exact(hw).enumerate() {
-                let coef = |i: usize| (w[i * c + ch], dz[i * c + ch]);
-                write_plane_grads(&mut dsts, ch * hw..(ch + 1) * hw, gp, coef, streaming);
+            if channels_last {
+                let (a, b): (Vec<&[T]>, Vec<&[T]>) = w.chunks_exact(c).zip(dz.chunks_exact(c)).unzip();
+                channels_last::affine_rows_into(&mut dsts, go, &a, &b, streaming);
+            } else {
+                for (ch, gp) in go.chunks_exact(hw).enumerate() {
+                    let coef = |i: usize| (w[i * c + ch], dz[i * c + ch]);
+                    write_plane_grads(&mut dsts, ch * hw..(ch + 1) * hw, gp, coef, streaming);
+                }
             }
             if streaming {
                 stream::fence();
@@ -1179,6 +1219,9 @@ mod tests {
             let xl_refs: Vec<&[f64]> = xl.iter().map(|x| x.as_slice()).collect();
             let go = rand_vec(n * c * hw, 99);
             let gl = to_nhwc(&go, n, c, hw);
+            // One thread takes one sample per task, n + 1 the two-pass route: the
+            // channels-last results must be the same values either way.
+            let mut outs = Vec::new();
             for threads in [1, n + 1] {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
                 let (f0, g0, f1, g1) = pool.install(|| {
@@ -1202,7 +1245,16 @@ mod tests {
                     assert!(max_err(g1.fc1_bias.as_ref().unwrap(), g0.fc1_bias.as_ref().unwrap()) < 1e-11);
                     assert!(max_err(g1.fc2_bias.as_ref().unwrap(), g0.fc2_bias.as_ref().unwrap()) < 1e-11);
                 }
+                outs.push((f1, g1));
             }
+            let ((f_one, g_one), (f_two, g_two)) = (&outs[0], &outs[1]);
+            let what = format!("{m} maps: channels-last routes");
+            assert_eq!(f_one.out, f_two.out, "{what}");
+            assert_eq!(f_one.z, f_two.z, "{what}");
+            assert_eq!(f_one.hidden, f_two.hidden, "{what}");
+            assert_eq!(f_one.weights, f_two.weights, "{what}");
+            assert_eq!(g_one.xs, g_two.xs, "{what}");
+            assert!(max_err(&g_one.fc1_weight, &g_two.fc1_weight) < 1e-12, "{what}");
         }
     }
 

@@ -14,24 +14,56 @@ use std::mem::MaybeUninit;
 /// Rows per parallel part of a sample.
 const PART: usize = 512;
 
-/// Adds `Σ_r f(a[r, j], b[r, j])` over the rows of the row-major `rows × c` matrices
-/// `a` and `b` to `totals[j]`, on the calling thread. Each term is added in f64: a
-/// float32 pooling of a few rows then rounds once, as the channels-first kernels'
-/// (whose short planes are summed in f64); summing float32 rows first made the
-/// pooled values of a batch of two noticeably less accurate than torch's.
+/// Adds `Σ_r f(a[r, j], b_i[r, j])` over the rows of the row-major `rows × c`
+/// matrices `a` and `b_i` to `totals[i][j]`, for every `b_i` of `bs` in one sweep
+/// over `a`, on the calling thread, rounding as the channels-first kernels' plane sums
+/// do ([`super::pool`]): fewer than [`SHORT_ROWS`] rows add each term in f64 (a
+/// float32 pooling of a few rows then rounds once; summing float32 rows first made
+/// the pooled values of a batch of two noticeably less accurate than torch's), more
+/// add runs of [`RUN`] rows in `T` and each run's sums in f64, so that no float32
+/// partial sum holds more than 8 terms. Each `b_i`'s totals are those it would get
+/// alone.
 #[inline]
-fn add_column_sums<T: Float>(a: &[T], b: &[T], c: usize, totals: &mut [f64], f: impl Fn(T, T) -> T) {
-    for (ra, rb) in a.chunks_exact(c).zip(b.chunks_exact(c)) {
-        for ((t, &x), &y) in totals.iter_mut().zip(ra).zip(rb) {
-            *t += f(x, y).as_f64();
+fn add_column_sums<T: Float>(a: &[T], bs: &[&[T]], c: usize, totals: &mut [Vec<f64>], f: impl Fn(T, T) -> T) {
+    let rows = a.len() / c;
+    let runs = if rows >= SHORT_ROWS { rows / RUN } else { 0 };
+    let mut acc = vec![T::zero(); if runs > 0 { c } else { 0 }];
+    for r0 in (0..runs * RUN).step_by(RUN) {
+        let run = r0 * c..(r0 + RUN) * c;
+        for (b, t) in bs.iter().zip(totals.iter_mut()) {
+            acc.fill(T::zero());
+            for (xa, xb) in a[run.clone()].chunks_exact(c).zip(b[run.clone()].chunks_exact(c)) {
+                for ((s, &x), &y) in acc.iter_mut().zip(xa).zip(xb) {
+                    *s += f(x, y);
+                }
+            }
+            for (t, &s) in t.iter_mut().zip(&acc) {
+                *t += s.as_f64();
+            }
+        }
+    }
+    let rest = runs * RUN * c..rows * c;
+    for (b, t) in bs.iter().zip(totals.iter_mut()) {
+        for (xa, xb) in a[rest.clone()].chunks_exact(c).zip(b[rest.clone()].chunks_exact(c)) {
+            for ((t, &x), &y) in t.iter_mut().zip(xa).zip(xb) {
+                *t += f(x, y).as_f64();
+            }
         }
     }
 }
 
-/// The totals of one part of a sample's rows (at most [`PART`] rows of `a` and `b`).
-fn part_totals<T: Float>(a: &[T], b: &[T], c: usize, f: impl Fn(T, T) -> T) -> Vec<f64> {
-    let mut totals = vec![0.0f64; c];
-    add_column_sums(a, b, c, &mut totals, f);
+/// Rows of a part below which [`add_column_sums`] adds every term in f64 (the
+/// channels-first kernels' short planes).
+const SHORT_ROWS: usize = 64;
+
+/// Rows summed in `T` before their sums go to the f64 totals.
+const RUN: usize = 8;
+
+/// The totals of one part of a sample's rows (at most [`PART`] rows of `a` and each
+/// of `bs`), one `Vec` per `b`.
+fn part_totals<T: Float>(a: &[T], bs: &[&[T]], c: usize, f: impl Fn(T, T) -> T) -> Vec<Vec<f64>> {
+    let mut totals = vec![vec![0.0f64; c]; bs.len()];
+    add_column_sums(a, bs, c, &mut totals, f);
     totals
 }
 
@@ -49,14 +81,48 @@ pub(crate) fn sample_means_into<T: Float>(x: &[T], hw: usize, dst: &mut [T]) {
     if c == 0 {
         return;
     }
-    let mut totals = vec![0.0f64; c];
-    for part in x[..hw * c].chunks(PART * c) {
-        add_part(&mut totals, &part_totals(part, part, c, |v, _| v));
-    }
+    let totals = sample_totals(x, &[x], hw, c, |v, _| v).swap_remove(0);
     let inv = 1.0 / hw.max(1) as f64;
     for (d, t) in dst.iter_mut().zip(totals) {
         *d = T::of(t * inv);
     }
+}
+
+/// The channel means of one `[hw, C]` sample of each map of `xs`, in one sweep over
+/// the maps' rows, on the calling thread: the values [`pool`] gives each.
+pub(crate) fn sample_means_each<T: Float>(xs: &[&[T]], hw: usize, c: usize) -> Vec<Vec<T>> {
+    let inv = 1.0 / hw.max(1) as f64;
+    let Some(&first) = xs.first() else { return Vec::new() };
+    let totals = sample_totals(first, xs, hw, c, |_, v| v);
+    totals.into_iter().map(|t| t.into_iter().map(|v| T::of(v * inv)).collect()).collect()
+}
+
+/// `Σ_hw a · b_i` per channel of one `[hw, C]` sample of `a` and of each `b_i` (one
+/// `Vec` per map), in one sweep over `a`, on the calling thread: the values [`dots`]
+/// gives each pair.
+pub(crate) fn sample_dots_each<T: Float>(a: &[T], bs: &[&[T]], hw: usize, c: usize) -> Vec<Vec<f64>> {
+    sample_totals(a, bs, hw, c, |x, y| x * y)
+}
+
+/// `Σ_r f(a, b_i)` per channel over the `hw` rows of one sample, part by part as
+/// [`sample_column_sums`] adds them.
+fn sample_totals<T: Float>(
+    a: &[T],
+    bs: &[&[T]],
+    hw: usize,
+    c: usize,
+    f: impl Fn(T, T) -> T,
+) -> Vec<Vec<f64>> {
+    let mut totals = vec![vec![0.0f64; c]; bs.len()];
+    for (p, pa) in a[..hw * c].chunks(PART * c).enumerate() {
+        let at = p * PART * c..p * PART * c + pa.len();
+        let parts_of: Vec<&[T]> = bs.iter().map(|b| &b[at.clone()]).collect();
+        let parts = part_totals(pa, &parts_of, c, &f);
+        for (t, part) in totals.iter_mut().zip(&parts) {
+            add_part(t, part);
+        }
+    }
+    totals
 }
 
 /// `[n, c]`: for each sample and channel, `Σ_r f(a, b)` over the `hw` rows of the
@@ -80,7 +146,7 @@ fn sample_column_sums<T: Float>(
             let (s, p) = (task / parts, task % parts);
             let rows = (p * PART).min(hw)..((p + 1) * PART).min(hw);
             let at = s * sample + rows.start * c..s * sample + rows.end * c;
-            part_totals(&a[at.clone()], &b[at], c, &f)
+            part_totals(&a[at.clone()], &[&b[at]], c, &f).swap_remove(0)
         })
         .collect();
     let mut out = vec![0.0f64; n * c];
@@ -182,6 +248,42 @@ pub fn scale<T: Float>(src: &[T], scale: &[T], shift: Option<&[T]>, n: usize, hw
     out
 }
 
+/// Writes `out[r, j] = Σ_i w_i[j] · src_i[r, j]` for every row `r` of the row-major
+/// `rows × c` matrices `src_i` (`c = w_i.len()`) into `out`: rows summed in a buffer
+/// map by map (vectorised across channels), then stored once, with streaming
+/// stores when `streaming` (the caller then fences). [`weighted_sum`]'s arithmetic,
+/// for a part of one sample.
+pub(crate) fn weighted_rows_into<T: Float>(
+    out: &mut [MaybeUninit<T>],
+    src: &[&[T]],
+    w: &[&[T]],
+    streaming: bool,
+) {
+    // A tile of rows at a time, the weights repeated to its length (see `tiled`).
+    let w = tiled(w);
+    let tile = w[0].len();
+    let mut acc = vec![T::zero(); tile];
+    for (k, orows) in out.chunks_mut(tile).enumerate() {
+        let (at, len) = (k * tile, orows.len());
+        let acc = &mut acc[..len];
+        for ((a, &wv), &xv) in acc.iter_mut().zip(&w[0]).zip(&src[0][at..at + len]) {
+            *a = wv * xv;
+        }
+        for (wi, xi) in w.iter().zip(src).skip(1) {
+            for ((a, &wv), &xv) in acc.iter_mut().zip(wi).zip(&xi[at..at + len]) {
+                *a += wv * xv;
+            }
+        }
+        if streaming {
+            stream::store(orows, acc);
+        } else {
+            for (d, &v) in orows.iter_mut().zip(acc.iter()) {
+                d.write(v);
+            }
+        }
+    }
+}
+
 /// `Σ_i w_i[s, j] · x_i[s, r, j]` over `m` `[n, hw, c]` maps `xs`, with `w` `[m, n·c]`
 /// (map-major), into a new map: AFI's fused output. Each element adds the maps'
 /// terms in map order, as the channels-first kernel does.
@@ -198,27 +300,9 @@ pub fn weighted_sum<T: Float>(xs: &[&[T]], w: &[T], n: usize, hw: usize, c: usiz
     spare.par_chunks_mut(hw * c).enumerate().for_each(|(s, o)| {
         let ws: Vec<&[T]> = (0..m).map(|i| &w[i * nc + s * c..i * nc + (s + 1) * c]).collect();
         o.par_chunks_mut(rows * c).enumerate().for_each(|(k, o)| {
-            // One row summed in `acc` map by map (vectorised across channels), then
-            // stored once.
-            let mut acc = vec![T::zero(); c];
-            for (q, orow) in o.chunks_exact_mut(c).enumerate() {
-                let at = s * hw * c + (k * rows + q) * c;
-                for ((a, &wv), &xv) in acc.iter_mut().zip(ws[0]).zip(&xs[0][at..at + c]) {
-                    *a = wv * xv;
-                }
-                for (wi, xi) in ws.iter().zip(xs).skip(1) {
-                    for ((a, &wv), &xv) in acc.iter_mut().zip(*wi).zip(&xi[at..at + c]) {
-                        *a += wv * xv;
-                    }
-                }
-                if streaming {
-                    stream::store(orow, &acc);
-                } else {
-                    for (d, &v) in orow.iter_mut().zip(&acc) {
-                        d.write(v);
-                    }
-                }
-            }
+            let at = s * hw * c + k * rows * c;
+            let srcs: Vec<&[T]> = xs.iter().map(|x| &x[at..at + o.len()]).collect();
+            weighted_rows_into(o, &srcs, &ws, streaming);
             if streaming {
                 stream::fence();
             }
@@ -227,6 +311,38 @@ pub fn weighted_sum<T: Float>(xs: &[&[T]], w: &[T], n: usize, hw: usize, c: usiz
     // SAFETY: the chunks cover all `len` elements, whole rows each, every one written.
     unsafe { out.set_len(len) };
     out
+}
+
+/// Writes `dst_i[r, j] = a_i[j] · src[r, j] + b_i[j]` for every row `r` of the
+/// row-major `rows × c` matrix `src` (`c = a_i.len()`), reading each row once for all
+/// outputs; with streaming stores when `streaming` (the caller then fences).
+/// [`affine_each`]'s arithmetic, for one sample.
+pub(crate) fn affine_rows_into<T: Float>(
+    dsts: &mut [&mut [MaybeUninit<T>]],
+    src: &[T],
+    a: &[&[T]],
+    b: &[&[T]],
+    streaming: bool,
+) {
+    // Rows are taken a tile at a time, with `a_i` and `b_i` repeated to a tile's
+    // length, so that narrow rows (64 channels) run as one long vector loop.
+    let (a, b) = (tiled(a), tiled(b));
+    let tile = a[0].len();
+    for (k, rows) in src.chunks(tile).enumerate() {
+        let (at, len) = (k * tile, rows.len());
+        for ((dst, a), b) in dsts.iter_mut().zip(&a).zip(&b) {
+            scale_rows_into(&mut dst[at..at + len], rows, &a[..len], Some(&b[..len]), streaming);
+        }
+    }
+}
+
+/// Values per tile of rows in [`tiled`]: 4 KB of float32.
+const TILE: usize = 1024;
+
+/// Each of the `c`-long vectors repeated over as many whole rows as fit in [`TILE`]
+/// values (at least one row).
+fn tiled<T: Float>(vs: &[&[T]]) -> Vec<Vec<T>> {
+    vs.iter().map(|v| v.repeat((TILE / v.len().max(1)).max(1))).collect()
 }
 
 /// `m` new maps `out_i[s, r, j] = a_i[s, j] · src[s, r, j] + b_i[s, j]` from one
@@ -257,11 +373,8 @@ pub fn affine_each<T: Float>(
     }
     per_sample.into_par_iter().zip(src.par_chunks(sample)).enumerate().for_each(|(s, (mut dsts, g))| {
         let at = |i: usize| i * nc + s * c..i * nc + (s + 1) * c;
-        for (r, grow) in g.chunks_exact(c).enumerate() {
-            for (i, dst) in dsts.iter_mut().enumerate() {
-                scale_rows_into(&mut dst[r * c..(r + 1) * c], grow, &a[at(i)], Some(&b[at(i)]), streaming);
-            }
-        }
+        let (a, b): (Vec<&[T]>, Vec<&[T]>) = (0..m).map(|i| (&a[at(i)], &b[at(i)])).unzip();
+        affine_rows_into(&mut dsts, g, &a, &b, streaming);
         if streaming {
             stream::fence();
         }
