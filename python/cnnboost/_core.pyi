@@ -40,6 +40,21 @@ def get_gemm() -> str:
     """What computes the kernels' matrix products: ``"blas"`` (a registered BLAS;
     ``cnnboost.get_gemm()`` says which) or ``"builtin"`` (the ``gemm`` crate)."""
 
+def update_running_stats(
+    running_means: Sequence[Array],
+    running_vars: Sequence[Array],
+    counts: Sequence[Array],
+    means: Sequence[Array],
+    variances: Sequence[Array],
+    momentum: float | None,
+) -> None:
+    """What torch's BatchNorm does to its buffers in a training step, in place, for
+    each batch norm ``i``: ``counts[i] += 1`` (an int64 ``num_batches_tracked``), then
+    ``running = running · (1 − f) + batch · f`` for ``running_means[i]``/``means[i]``
+    and ``running_vars[i]``/``variances[i]``, with ``f`` the ``momentum``, or
+    ``1 / counts[i]`` when it is None; rounded as torch's ops round. Every argument is
+    checked before anything is written."""
+
 def expand_planes(values: ArrayLike, hw: int, channels_last: bool = False) -> Array:
     """``values`` (shape ``S``) with each value repeated ``hw`` times: a new array of
     shape ``S + (hw,)``, the gradient of a global average pooling (``values`` already

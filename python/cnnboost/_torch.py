@@ -465,10 +465,29 @@ def update_running_stats(bn: torch.nn.modules.batchnorm._BatchNorm, mean: torch.
 
 
 def update_running_stats_of(bns, means, variances) -> None:
-    """:func:`update_running_stats` for several batch norms at once. With one momentum
-    for all (the usual case) it takes four torch ops whatever their number, where one
-    at a time takes seven each (~10 µs an op); the same arithmetic, so the same
-    rounding: ``running · (1 − m) + batch · m``."""
+    """:func:`update_running_stats` for several batch norms at once, with torch's
+    arithmetic and rounding: ``running · (1 − m) + batch · m``.
+
+    In eager mode on CPU tensors, in one call to the extension
+    (``_core.update_running_stats``), which writes the buffers in place: ~0.2 ms less
+    a step than torch's ops for a small AB (torch's dispatch, cold after a large
+    kernel, costs more than the arithmetic); the buffers' version counters move as
+    torch's in-place ops move them, so autograd still sees the change. Traced (``torch.compile``) or on a
+    GPU, in four torch ops whatever the number of batch norms (one momentum for all,
+    the usual case), or seven each."""
+    momenta = {bn.momentum for bn in bns}
+    if len(momenta) == 1 and not torch.compiler.is_compiling():
+        buffers = [b for bn in bns for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
+        tensors = buffers + [*means, *variances]
+        if all(type(t) is torch.Tensor and t.device.type == "cpu" and not t.requires_grad for t in tensors):
+            from . import _core
+
+            arrays = [t.numpy() for t in tensors]
+            k = len(bns)
+            _core.update_running_stats(arrays[0:3 * k:3], arrays[1:3 * k:3], arrays[2:3 * k:3],
+                                       arrays[3 * k:4 * k], arrays[4 * k:], momenta.pop())
+            torch.autograd.graph.increment_version(buffers)
+            return
     with torch.no_grad():
         counts = [bn.num_batches_tracked for bn in bns]
         torch._foreach_add_(counts, 1)

@@ -9,6 +9,7 @@ mod array;
 #[cfg(feature = "cuda")]
 mod dlpack;
 mod ffc;
+mod running;
 mod ssm;
 
 use crate::kernels;
@@ -298,6 +299,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     watch_forks();
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(running::update_running_stats, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(set_backend, m)?)?;
     m.add_function(wrap_pyfunction!(get_backend, m)?)?;
