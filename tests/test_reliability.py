@@ -69,8 +69,15 @@ MODULES = {
 }
 
 
+# Where the kernels run (conftest's `_set_serial_work`): cnnboost's pool, or the
+# calling thread, which small calls take by default.
+ROUTES = {"pool": 0, "calling-thread": 1 << 62}
+
+
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("name", MODULES)
-def test_many_python_threads_share_one_module(name):
+def test_many_python_threads_share_one_module(name, route):
+    cnnboost._core._set_serial_work(ROUTES[route])
     make, data, call = MODULES[name]
     m = make().eval()  # eval: no running-stat updates racing between threads
     xs = [data(torch.Generator().manual_seed(i)) for i in range(8)]
@@ -111,12 +118,28 @@ def _step_in_child(conn, make_state, call, x, threads):
     conn.close()
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX-only")
-@pytest.mark.parametrize("threads", [None, 1])
 @pytest.mark.parametrize("name", MODULES)
-def test_a_forked_child_computes_like_its_parent(name, threads):
+def test_both_routes_give_the_same_training_step(name):
+    """Small calls run on the calling thread, large ones in the pool: the kernels give
+    the same values on any number of threads, so the step is the same bit for bit."""
+    make, data, call = MODULES[name]
+    x = data(torch.Generator().manual_seed(3))
+    steps = {}
+    for route, work in ROUTES.items():
+        cnnboost._core._set_serial_work(work)
+        torch.manual_seed(0)
+        steps[route] = _training_step(make(), call, x)
+    for a, b in zip(*steps.values()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX-only")
+@pytest.mark.parametrize("threads, route", [(None, "pool"), (1, "pool"), (None, "calling-thread")])
+@pytest.mark.parametrize("name", MODULES)
+def test_a_forked_child_computes_like_its_parent(name, threads, route):
     """multiprocessing's default start on Linux forks; the child has none of the
     parent's threads, so it must not wait on the parent's pool (it used to hang)."""
+    cnnboost._core._set_serial_work(ROUTES[route])
     make, data, call = MODULES[name]
     torch.manual_seed(0)
     m = make()

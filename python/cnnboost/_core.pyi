@@ -61,6 +61,11 @@ def expand_planes(values: ArrayLike, hw: int, channels_last: bool = False) -> Ar
     divided by ``hw``) written out; with ``channels_last``, ``values`` ``[N, C]`` as
     the rows of a new ``[N, hw, C]`` array."""
 
+def _set_serial_work(work: int) -> int:
+    """Sets the size of call (its maps' elements plus its products' multiply-adds / 256)
+    below which a kernel runs on the calling thread instead of cnnboost's pool (default
+    262144; 0: always the pool); returns the previous value. For tests and benchmarks."""
+
 def _set_blas(sgemm: int, dgemm: int, serial: bool = False) -> None:
     """Registers a BLAS's ``sgemm_``/``dgemm_`` by address (``(0, 0)``: back to the
     built-in GEMM). ``serial``: the BLAS computes each call on its caller's thread

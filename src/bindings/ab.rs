@@ -1,7 +1,7 @@
 //! `cnnboost._core.AB`: the AB kernels for NumPy arrays and DLPack objects.
 
 use super::array::{dispatch, expect_rank, expect_shape, input, output, tuple, Host, Input, Reader};
-use super::{backend, compute, to_py_err};
+use super::{backend, compute, to_py_err, work};
 use crate::candle::ab as candle_ab;
 use crate::kernels::ab::{self, Config, Params, Running};
 use crate::kernels::Float;
@@ -145,8 +145,10 @@ fn forward_t<'py, T: Element + Float>(
     let rv = r.shaped(a.running_var, "running_var", &[ab.channels])?;
     let cfg = ab.config(a.training, a.channels_last);
     let (xs, p, running) = (xa.slice(), call.params(), Running { mean: rm.slice(), var: rv.slice() });
-    let f = compute(py, || backend!(ab::forward, candle_ab::forward_host, (&cfg, xs, n, hw, &p, running)))?
-        .map_err(to_py_err)?;
+    let size = work(n * ab.channels * hw, n * ab.channels * (ab.channels / ab.groups));
+    let f =
+        compute(py, size, || backend!(ab::forward, candle_ab::forward_host, (&cfg, xs, n, hw, &p, running)))?
+            .map_err(to_py_err)?;
     let c = ab.channels;
     let var_len = f.var_unbiased.len();
     tuple(
@@ -179,7 +181,8 @@ fn backward_t<'py, T: Element + Float>(
     let cfg = ab.config(a.training, a.channels_last);
     let (gos, xs, ys, mus, iss, p) =
         (go.slice(), xa.slice(), y.slice(), mu.slice(), is.slice(), call.params());
-    let g = compute(py, || {
+    let size = work(2 * n * c * hw, 2 * n * c * (c / ab.groups));
+    let g = compute(py, size, || {
         backend!(ab::backward, candle_ab::backward_host, (&cfg, gos, xs, n, hw, &p, ys, mus, iss))
     })?
     .map_err(to_py_err)?;

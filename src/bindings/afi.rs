@@ -3,7 +3,7 @@
 use super::array::{
     any_items, dispatch, expect_rank, expect_shape, fmt_shape, list, output, tuple, Host, Input, Reader,
 };
-use super::{backend, compute, to_py_err};
+use super::{backend, compute, to_py_err, work};
 use crate::candle::afi as candle_afi;
 use crate::kernels::afi::{self, Params, Saved};
 use crate::kernels::Float;
@@ -153,7 +153,8 @@ fn forward_t<'py, T: Element + Float>(
     let (n, c, hw) = dims_of(&shape, channels_last);
     let slices: Vec<&[T]> = maps.iter().map(|x| x.slice()).collect();
     let p = scorer.params();
-    let f = compute(py, || {
+    let (m, hidden) = (maps.len(), afi.hidden);
+    let f = compute(py, work(m * n * c * hw, 2 * m * n * c * hidden), || {
         if channels_last {
             backend!(
                 afi::forward_channels_last,
@@ -165,7 +166,6 @@ fn forward_t<'py, T: Element + Float>(
         }
     })?
     .map_err(to_py_err)?;
-    let m = maps.len();
     tuple(
         py,
         vec![
@@ -194,7 +194,7 @@ fn backward_t<'py, T: Element + Float>(
     let (gos, p) = (go.slice(), scorer.params());
     let saved = Saved { z: zs.slice(), hidden: hs.slice(), weights: ws.slice() };
     let channels_last = a.channels_last;
-    let g = compute(py, || {
+    let g = compute(py, work((m + 1) * n * c * hw, 4 * m * n * c * afi.hidden), || {
         if channels_last {
             backend!(
                 afi::backward_channels_last,

@@ -3,7 +3,7 @@
 use super::array::{
     dispatch, expect_rank, expect_shape, input, input_dims, output, tuple, Host, Input, Reader,
 };
-use super::{backend, compute, to_py_err};
+use super::{backend, compute, to_py_err, work};
 #[cfg(feature = "cuda")]
 use crate::candle;
 use crate::candle::ffc as candle_ffc;
@@ -106,7 +106,7 @@ fn forward_t<'py, T: Element + Float>(
     let call = Call::read(&Host::<T>::new(), cfg, c, params)?;
     let (xs, p) = (xa.slice(), call.params());
     let d = Dims { n, c, hw: 1, k: call.k };
-    let (out, pooled) = compute(py, || {
+    let (out, pooled) = compute(py, work(n * c * hw, n * c * d.k), || {
         // A 4-d input is pooled here, once: the backward reads the pooled features
         // rather than the whole map.
         let pooled = map.then(|| super::pool_map(xs, n, c, hw, channels_last));
@@ -138,9 +138,10 @@ fn backward_t<'py, T: Element + Float>(
     expect_shape("grad_out", go.shape(), &out_shape(cfg, outputs, n, call.k))?;
     let d = Dims { n, c, hw, k: call.k };
     let (gos, f0s, p) = (go.slice(), f0.slice(), call.params());
-    let g =
-        compute(py, || backend!(ffc::backward, candle_ffc::backward_host, (cfg, d, gos, &p, f0s, outputs)))?
-            .map_err(to_py_err)?;
+    let g = compute(py, work(n * c, 2 * n * c * d.k), || {
+        backend!(ffc::backward, candle_ffc::backward_host, (cfg, d, gos, &p, f0s, outputs))
+    })?
+    .map_err(to_py_err)?;
     tuple(
         py,
         vec![
@@ -165,7 +166,7 @@ fn vote_t<'py, T: Element + Float>(
     let call = Call::read(&Host::<T>::new(), cfg, c, params)?;
     let d = Dims { n, c, hw, k: call.k };
     let (xs, p) = (xa.slice(), call.params());
-    let scores = compute(py, || {
+    let scores = compute(py, work(n * c * hw, n * c * d.k * cfg.num_filters), || {
         if channels_last {
             // Pooled here (the kernel pools [N, C, H, W] maps itself).
             let pooled = super::pool_map(xs, n, c, hw, true);

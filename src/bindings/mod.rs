@@ -17,7 +17,7 @@ use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use rayon::{ThreadPool, ThreadPoolBuilder};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 /// The pool every kernel runs in: rayon's global pool cannot be resized, and users
@@ -89,11 +89,49 @@ fn pool() -> PyResult<Arc<ThreadPool>> {
     Ok(guard.clone().expect("pool was just set"))
 }
 
-/// Runs a kernel with the GIL released, inside cnnboost's pool; a panic (a bug, never
-/// expected) becomes a `RuntimeError` instead of crossing the FFI boundary.
-pub(crate) fn compute<R: Send>(py: Python<'_>, f: impl FnOnce() -> R + Send) -> PyResult<R> {
+/// The size of a call, for [`compute`]: the elements of its maps, plus its matrix
+/// products' multiply-adds over 256 (products of up to ~13M multiply-adds, SSM's at
+/// 128 × 1024 → 100, measured faster on the calling thread).
+pub(crate) fn work(elements: usize, multiply_adds: usize) -> usize {
+    elements.saturating_add(multiply_adds / 256)
+}
+
+/// Calls of less [`work`] run on the calling thread: handing one to the pool and
+/// waking its threads costs 20-120 µs on this VM (more the longer they slept), as much
+/// as the kernel of a 256K-element map. `_set_serial_work` changes it (the tests send
+/// every call to the pool with 0).
+static SERIAL_WORK: AtomicUsize = AtomicUsize::new(1 << 18);
+
+/// Sets the [`work`] below which calls run on the calling thread; returns the previous
+/// value. For tests and benchmarks.
+#[pyfunction]
+fn _set_serial_work(work: usize) -> usize {
+    SERIAL_WORK.swap(work, Ordering::Relaxed)
+}
+
+thread_local! {
+    /// The calling thread as the single worker of a pool of its own, so that a small
+    /// kernel's parallel loops run inline. rayon leaves such a thread registered for
+    /// the rest of its life (one small pool per Python thread that calls cnnboost); it
+    /// still hands large calls to the shared pool. None where rayon refuses.
+    static CALLING_THREAD: Option<ThreadPool> =
+        ThreadPoolBuilder::new().num_threads(1).use_current_thread().build().ok();
+}
+
+/// Runs a kernel with the GIL released: inside cnnboost's pool, or on the calling
+/// thread when its [`work`] is small (the kernels give the same results on any number
+/// of threads). A panic (a bug, never expected) becomes a `RuntimeError` instead of
+/// crossing the FFI boundary.
+pub(crate) fn compute<R: Send>(py: Python<'_>, work: usize, f: impl FnOnce() -> R + Send) -> PyResult<R> {
     let pool = pool()?;
-    py.detach(move || pool.install(|| catch_unwind(AssertUnwindSafe(f)))).map_err(panic_error)
+    py.detach(move || {
+        let run = || catch_unwind(AssertUnwindSafe(f));
+        CALLING_THREAD.with(|own| match own {
+            Some(own) if work < SERIAL_WORK.load(Ordering::Relaxed) => own.install(run),
+            _ => pool.install(run),
+        })
+    })
+    .map_err(panic_error)
 }
 
 /// A caught panic as a `RuntimeError`.
@@ -238,13 +276,16 @@ fn expand_planes_t<'py, T: numpy::Element + kernels::Float>(
         let (n, c) = (s[0], s[1]);
         let shape = [n, hw, c];
         kernels::checked_numel("values", &shape).map_err(to_py_err)?;
-        let out = compute(values.py(), || kernels::channels_last::broadcast(src, hw, c))?;
+        let out =
+            compute(values.py(), work(n * hw * c, 0), || kernels::channels_last::broadcast(src, hw, c))?;
         return array::output(values.py(), out, &shape);
     }
     let mut shape = v.shape().to_vec();
     shape.push(hw);
     kernels::checked_numel("values", &shape).map_err(to_py_err)?;
-    let out = compute(values.py(), || kernels::pool::broadcast_planes(src, hw))?;
+    let out = compute(values.py(), work(src.len().saturating_mul(hw), 0), || {
+        kernels::pool::broadcast_planes(src, hw)
+    })?;
     array::output(values.py(), out, &shape)
 }
 
@@ -290,7 +331,7 @@ pub(crate) use backend;
 /// exception rather than crossing the FFI boundary.
 #[pyfunction]
 fn _panic_in_kernel(py: Python<'_>, message: String) -> PyResult<()> {
-    compute(py, move || -> () { panic!("{message}") })
+    compute(py, usize::MAX, move || -> () { panic!("{message}") })
 }
 
 #[pymodule]
@@ -300,6 +341,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     watch_forks();
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(running::update_running_stats, m)?)?;
+    m.add_function(wrap_pyfunction!(_set_serial_work, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(set_backend, m)?)?;
     m.add_function(wrap_pyfunction!(get_backend, m)?)?;

@@ -4,7 +4,7 @@ use super::array::{
     dispatch, expect_rank, expect_shape, fmt_shape, input, input_dims, items, list, output, tuple, Host,
     Input, Reader,
 };
-use super::{backend, compute, to_py_err};
+use super::{backend, compute, to_py_err, work};
 #[cfg(feature = "cuda")]
 use crate::candle;
 use crate::candle::ssm as candle_ssm;
@@ -191,7 +191,7 @@ fn forward_t<'py, T: Element + Float>(
     let p = Params::read(&Host::<T>::new(), m, split, a.lists)?;
     let cfg = m.config(p.k, a.training, a.outputs);
     let (xs, heads) = (xa.slice(), p.heads());
-    let (f, pooled) = compute(py, || {
+    let (f, pooled) = compute(py, work(n * c * hw, n * c * p.k), || {
         // A 4-d input is pooled here, once: the backward reads the pooled features
         // rather than the whole map.
         let pooled = map.then(|| super::pool_map(xs, n, c, hw, channels_last));
@@ -238,7 +238,7 @@ fn backward_t<'py, T: Element + Float>(
     let (gos, xs, heads) = (go.slice(), feats.slice(), p.heads());
     let saved = Saved { mean: mu.slice(), invstd: rs.slice() };
     let hw = a.hw;
-    let mut g = compute(py, || {
+    let mut g = compute(py, work(n * c, 2 * n * c * p.k), || {
         backend!(ssm::backward, candle_ssm::backward_host, (&cfg, gos, xs, n, c, &heads, &saved)).map(
             |mut g| {
                 // Average pooling hands each pixel of a plane 1/(H·W) of its gradient.
