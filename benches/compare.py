@@ -150,10 +150,21 @@ def afi_cases() -> List[Case]:
                 # writes R; backward reads grad_R and each map and writes each gradient
                 bytes=((m + 1) + (2 * m + 1)) * size if train else (m + 1) * size,
             ))
+    # torch's channels_last memory format (AFI fuses the maps of conv stages)
+    n, c, h, m = 32, 64, 56, 3
+    size = n * c * h * h * 4
+    for train in (True, False):
+        cases.append(Case(
+            f"afi {'train' if train else 'eval'} 3x{n}x{c}x{h}x{h} channels_last", lambda cls: cls(c),
+            cnnboost.AFI, reference.AFI,
+            (lambda t: lambda: [[torch.randn(n, c, h, h).contiguous(memory_format=torch.channels_last)
+                                 .requires_grad_(t) for _ in range(m)]])(train),
+            train, bytes=((m + 1) + (2 * m + 1)) * size if train else (m + 1) * size,
+        ))
     return cases
 
 
-NAME_WIDTH = 36  # the longest case name
+NAME_WIDTH = 37  # the longest case name
 
 CASE_GROUPS = {"ffc": ffc_cases, "ssm": ssm_cases, "ab": ab_cases, "afi": afi_cases}
 
