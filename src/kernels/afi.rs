@@ -245,7 +245,7 @@ fn fuse_plane<T: Float>(
 /// runs on all `M·N` rows at once, a second pass writes `R`.
 pub fn forward<T: Float>(xs: &[&[T]], n: usize, c: usize, hw: usize, p: &Params<T>) -> Result<Forward<T>> {
     let d = validate(xs, n, c, hw, p)?;
-    if per_sample(n, d.m * c * hw * std::mem::size_of::<T>()) {
+    if per_sample::<T>(n, d.m, c, hw) {
         return Ok(forward_per_sample(xs, n, c, hw, p, d, false));
     }
     let Dims { m, nc, hidden, .. } = d;
@@ -296,7 +296,7 @@ pub fn forward_channels_last<T: Float>(
     p: &Params<T>,
 ) -> Result<Forward<T>> {
     let d = validate(xs, n, c, hw, p)?;
-    if per_sample(n, d.m * c * hw * std::mem::size_of::<T>()) {
+    if per_sample::<T>(n, d.m, c, hw) {
         return Ok(forward_per_sample(xs, n, c, hw, p, d, true));
     }
     let Dims { m, hidden, .. } = d;
@@ -320,7 +320,7 @@ pub fn backward_channels_last<T: Float>(
     let d = validate(xs, n, c, hw, p)?;
     let Dims { m, nc, mn, hidden } = d;
     check_saved(grad_out, n, c, hw, m, hidden, saved)?;
-    if per_sample(n, m * c * hw * std::mem::size_of::<T>()) {
+    if per_sample::<T>(n, m, c, hw) {
         return Ok(backward_per_sample(grad_out, xs, n, c, hw, p, saved, d, true));
     }
     // g[pl*m + i] = Σ_hw grad_R · X_i, plane-major as `softmax_backward` takes it.
@@ -379,8 +379,9 @@ fn map_major<T: Float>(plane_major: &[T], m: usize) -> Vec<T> {
 const PER_SAMPLE_MAX_BYTES: usize = 4 << 20;
 
 /// Whether [`forward`] takes one sample per task: at least as many samples as threads,
-/// and a sample's maps (`sample_bytes`) small enough to stay in cache.
-fn per_sample(n: usize, sample_bytes: usize) -> bool {
+/// and a sample's `m` maps small enough to stay in cache.
+fn per_sample<T>(n: usize, m: usize, c: usize, hw: usize) -> bool {
+    let sample_bytes = m * c * hw * std::mem::size_of::<T>();
     n > 0 && n >= rayon::current_num_threads() && sample_bytes <= PER_SAMPLE_MAX_BYTES
 }
 
@@ -607,7 +608,7 @@ pub fn backward<T: Float>(
     let Dims { m, nc, mn, hidden } = d;
     check_saved(grad_out, n, c, hw, m, hidden, saved)?;
     let weights = saved.weights;
-    if per_sample(n, m * c * hw * std::mem::size_of::<T>()) {
+    if per_sample::<T>(n, m, c, hw) {
         return Ok(backward_per_sample(grad_out, xs, n, c, hw, p, saved, d, false));
     }
 

@@ -78,13 +78,8 @@ fn add_part(sample: &mut [f64], part: &[f64]) {
 /// thread: the values [`pool`] gives it.
 pub(crate) fn sample_means_into<T: Float>(x: &[T], hw: usize, dst: &mut [T]) {
     let c = dst.len();
-    if c == 0 {
-        return;
-    }
-    let totals = sample_totals(x, &[x], hw, c, |v, _| v).swap_remove(0);
-    let inv = 1.0 / hw.max(1) as f64;
-    for (d, t) in dst.iter_mut().zip(totals) {
-        *d = T::of(t * inv);
+    if c > 0 {
+        dst.copy_from_slice(&sample_means_each(&[x], hw, c)[0]);
     }
 }
 
