@@ -119,7 +119,7 @@ def compare(
             assert torch.equal(b_f, b_r), f"buffer {name}: {b_f} != {b_r}"
     if not backward or not out_f.requires_grad:
         return out_f, out_r
-    weight = torch.randn(out_f.shape, dtype=dtype)
+    weight = torch.randn(out_f.shape, dtype=dtype, device=out_f.device)
     (out_f * weight).sum().backward()
     (out_r * weight).sum().backward()
     if exact is not None:
