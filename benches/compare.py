@@ -14,6 +14,7 @@ products on torch's BLAS can gain (cnnboost's default GEMM may be faster: README
     python benches/compare.py --only ffc      # cases whose name starts with "ffc"
     python benches/compare.py --no-compile    # skip torch.compile (compiling takes minutes)
     python benches/compare.py --processes 3   # each case in 3 fresh processes: median ratio, range
+    python benches/compare.py --device cuda   # on a GPU (with the CUDA build, if installed)
 
 A case's speed can differ from one process to the next on a shared machine (a 3 ms
 call measured 2.7 ms in some fresh processes and 4-5 ms in others, the same minute),
@@ -36,7 +37,7 @@ from typing import Callable, List, Optional, Sequence
 import cnnboost  # first: it sets OMP_WAIT_POLICY=PASSIVE before torch starts OpenMP
 import torch
 from torch import nn
-from cnnboost import reference
+from cnnboost import _torch as cb_torch, reference
 
 
 @dataclass
@@ -266,6 +267,8 @@ def main(argv: Optional[Sequence[str]] = None):
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--device", default="cpu",
                         help="cpu, or cuda (needs the CUDA build, cnnboost-cuda: README, 'CUDA')")
+    parser.add_argument("--no-cuda-build", action="store_true",
+                        help="on cuda, time the route a GPU without the CUDA build takes (torch's ops)")
     parser.add_argument("--gemm", choices=["openblas", "torch", "builtin"],
                         help="what computes cnnboost's CPU products (default: cnnboost's choice, README 'Matrix products')")
     parser.add_argument("--processes", type=int, default=1,
@@ -274,6 +277,8 @@ def main(argv: Optional[Sequence[str]] = None):
     args = parser.parse_args(argv)
     if args.gemm:
         cnnboost.set_gemm(args.gemm)
+    if args.no_cuda_build:
+        cb_torch._cuda_build[:] = [None]
     torch.set_default_device(args.device)
     all_cases = [c for group in CASE_GROUPS.values() for c in group()]
     if args.case:
@@ -284,6 +289,8 @@ def main(argv: Optional[Sequence[str]] = None):
     gflops, gbs = machine_rates()
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} threads"
     runs = f"medians of {args.reps}" + (f", in each of {args.processes} processes" if args.processes > 1 else "")
+    if args.device.startswith("cuda"):
+        where += ", cnnboost: " + ("torch's ops" if cb_torch._cuda_core() is None else "the CUDA build")
     print(f"torch {torch.__version__}, {args.device}: {where}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, cnnboost GEMM: {cnnboost.get_gemm()}; "
           f"roofline: torch GEMM {gflops:.0f} GFLOP/s, copy {gbs:.1f} GB/s; {runs}")
@@ -303,6 +310,7 @@ def child_times(case: Case, args) -> dict:
     cmd = [sys.executable, __file__, "--case", case.name, "--reps", str(args.reps), "--device", args.device]
     cmd += ["--no-compile"] if args.no_compile else []
     cmd += ["--gemm", args.gemm] if args.gemm else []
+    cmd += ["--no-cuda-build"] if args.no_cuda_build else []
     out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 

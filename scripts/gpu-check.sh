@@ -9,7 +9,8 @@
 #   3. `benches/compare.py --device cuda`, without torch.compile, then (if STEPS says so)
 #      with it.
 # Logs go to $OUT (default: ./gpu-check-out). Env: STEPS (default "smoke tests bench"; add
-# "compile" for the torch.compile columns, "profile" for benches/profile_cuda.py on five
+# "compile" for the torch.compile columns, "torch-route" for the benchmark of the route a GPU
+# without the CUDA build takes, "profile" for benches/profile_cuda.py on five
 # cases, "demo" for the demo), REPS (default 10).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -58,6 +59,8 @@ if [[ $steps == *smoke* ]]; then
 fi
 [[ $steps == *tests* ]] && step tests 150 "$python" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py tests/test_examples.py
 [[ $steps == *bench* ]] && step bench 120 "$python" benches/compare.py --device cuda --no-compile --reps "$reps"
+[[ $steps == *torch-route* ]] && step torch-route 120 "$python" benches/compare.py --device cuda --no-compile \
+    --no-cuda-build --reps "$reps"
 [[ $steps == *profile* ]] && step profile 150 "$python" benches/profile_cuda.py "ab eval 32x256x56x56" \
     "ab train 32x256x56x56" "afi train 3x32x64x56x56" "ffc train 256x2048" "ssm train 256x2048"
 [[ $steps == *compile* ]] && step compile 200 "$python" benches/compare.py --device cuda --reps "$reps"

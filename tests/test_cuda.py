@@ -1,6 +1,7 @@
 """CUDA: the candle implementation on the GPU against the torch reference on the GPU
-(`pytest -m cuda`; skipped without a GPU and the CUDA build, `cnnboost-cuda`), and the
-errors a CPU-only installation gives for CUDA tensors (run everywhere)."""
+(`pytest -m cuda`; skipped without a GPU and the CUDA build, `cnnboost-cuda`); the
+torch-ops route on devices without kernels (`meta` everywhere, a GPU without the CUDA
+build where there is a GPU); the error the CPU-only extension gives for CUDA arrays."""
 
 import importlib.util
 
@@ -105,11 +106,47 @@ def test_cpu_only_core_names_the_cuda_build_for_cuda_arrays():
         _core.AB(4).forward(FakeCudaArray(), None, None, None, None, None, None, True)
 
 
-@pytest.mark.skipif(HAS_CUDA_BUILD, reason="checks the CPU-only build")
-@pytest.mark.parametrize("name", ["ffc", "ssm", "ab"])
-def test_cpu_only_modules_reject_other_devices_clearly(name):
-    fast_cls, _, args, kwargs, make = CASES[name]
-    module = fast_cls(*args, **kwargs)
-    (x,) = make({"dtype": torch.float32, "device": "meta"})
-    with pytest.raises(ValueError, match=r"x: expected a tensor on the CPU, got one on meta .*CUDA build"):
-        module(x)
+@pytest.fixture
+def no_kernels_called(monkeypatch):
+    """Fails a test that reaches either extension (`core_for` picks one per call)."""
+    from cnnboost import _torch
+
+    def refuse(t):
+        raise AssertionError(f"a kernel was called for a tensor on {t.device}")
+
+    for mod in (cnnboost.ab, cnnboost.afi, cnnboost.ffc, cnnboost.ssm):
+        monkeypatch.setattr(mod, "core_for", refuse)
+    return _torch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_devices_without_kernels_compute_with_torch_ops(name, dtype, no_kernels_called):
+    """`meta` tensors (shapes only) take torch's ops, like a GPU without the CUDA
+    build; any floating dtype then works, as inside `cnnboost.torch_ops()`."""
+    fast_cls, ref_cls, args, kwargs, make = CASES[name]
+    d = {"dtype": dtype, "device": "meta"}
+    fast = fast_cls(*args, **kwargs).to(**d)
+    ref = ref_cls(*args, **kwargs).to(**d)
+    inputs = [[torch.randn(3, 8, 4, 4, **d) for _ in range(3)]] if name == "afi" else make(d)
+    out = fast(*inputs)
+    assert out.device.type == "meta" and out.dtype == dtype
+    assert out.shape == ref(*inputs).shape
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_cuda_without_the_cuda_build_matches_the_reference(name, train, monkeypatch, no_kernels_called):
+    """A GPU without the CUDA build installed: torch's ops, the reference's numbers."""
+    monkeypatch.setattr(no_kernels_called, "_cuda_build", [None])
+    fast_cls, ref_cls, args, kwargs, make = CASES[name]
+    fast, ref = twins(fast_cls, ref_cls, *args, dtype=torch.float64, **kwargs)
+    fast, ref = fast.cuda(), ref.cuda()
+    d = {"dtype": torch.float64, "device": "cuda"}
+    if name == "afi":
+        inputs = lambda: [[torch.randn(3, 8, 4, 4, **d, requires_grad=True) for _ in range(3)]]  # noqa: E731
+        compare(fast, ref, inputs, train=train, call=lambda m, i: m(i[0]))
+    else:
+        compare(fast, ref, lambda: make(d), train=train)

@@ -51,13 +51,14 @@ class torch_ops(contextlib.ContextDecorator):
     call into the extension), under ``torch.func`` transforms (``vmap``,
     ``grad``, ``jacrev``, ...; their wrapped tensors have no memory the kernels
     could read), and inside ``torch.autograd.forward_ad.dual_level()`` (forward-mode
-    AD, which the kernels do not implement). Enter it yourself for:
+    AD, which the kernels do not implement). Tensors on a device cnnboost has no
+    kernels for (see :func:`uses_torch_ops`) take that route too. Enter it yourself
+    for:
 
     * double backward (``create_graph=True``: gradient penalties, Hessians, MAML):
       the kernels' backward is not differentiable, and differentiating it raises;
     * ``torch.export`` for a runtime without Python (AOTInductor, ExecuTorch),
       where the extension's custom ops cannot run;
-    * CUDA tensors without the CUDA build of cnnboost;
     * modules converted to float16 or bfloat16 (the kernels compute in float32 and
       float64; ``torch.autocast`` needs none of this).
 
@@ -339,14 +340,34 @@ def from_array(a) -> torch.Tensor:
 
 
 CUDA_BUILD = "cnnboost_cuda"
+_cuda_build: list = []  # [the CUDA build or None], once looked for
 
 
 def _cuda_core():
-    """The CUDA build of the extension (distribution ``cnnboost-cuda``), or None."""
-    try:
-        return importlib.import_module(CUDA_BUILD)
-    except ImportError:
-        return None
+    """The CUDA build of the extension (distribution ``cnnboost-cuda``), or None.
+    Looked for once: a failed import would otherwise search ``sys.path`` on every call."""
+    if not _cuda_build:
+        try:
+            _cuda_build.append(importlib.import_module(CUDA_BUILD))
+        except ImportError:
+            _cuda_build.append(None)
+    return _cuda_build[0]
+
+
+def has_kernels_for(device: torch.device) -> bool:
+    """Whether cnnboost's kernels compute on ``device``: the CPU always, CUDA with the
+    CUDA build installed."""
+    return device.type == "cpu" or (device.type == "cuda" and _cuda_core() is not None)
+
+
+def uses_torch_ops(t: torch.Tensor) -> bool:
+    """Whether the modules compute on ``t`` with torch's ops (the math of
+    :mod:`cnnboost.reference`) rather than the kernels: inside :class:`torch_ops` (or
+    where it is entered for you), and for tensors on a device without kernels (a GPU
+    without the CUDA build, ``meta``, ``mps``, ...). On a GPU that is also the faster
+    route today: torch's ops ran 1.7-5x faster than the CUDA build on an H200
+    (docs/performance.md, "GPU")."""
+    return torch_ops_active() or not has_kernels_for(t.device)
 
 
 def core_for(t: torch.Tensor):
@@ -366,9 +387,8 @@ def core_for(t: torch.Tensor):
     return core
 
 
-NO_CUDA = ("this installation of cnnboost computes on the CPU only; for CUDA tensors install the CUDA "
-           "build (README, 'CUDA'), compute with torch's ops (`with cnnboost.torch_ops():`), or move "
-           "the module and input to the CPU")
+NO_CUDA = ("this installation of cnnboost has kernels for the CPU only; the modules compute CUDA tensors "
+           "with torch's ops, and the CUDA build adds kernels for them (README, 'CUDA')")
 
 
 def autocast_input(t: object, like: torch.Tensor) -> object:
@@ -378,10 +398,19 @@ def autocast_input(t: object, like: torch.Tensor) -> object:
     if (
         isinstance(t, torch.Tensor)
         and t.dtype in (torch.float16, torch.bfloat16)
-        and torch.is_autocast_enabled(t.device.type)
+        and _autocast_enabled(t.device.type)
     ):
         return t.to(like.dtype)
     return t
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``, False for a device type autocast
+    does not know (``meta``), where torch raises."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
 
 
 def check_tensor(
@@ -392,23 +421,21 @@ def check_tensor(
     like: torch.Tensor | None = None,
     layout_doc: str = "",
 ) -> torch.Tensor:
-    """Raises a TypeError/ValueError naming `name` unless `t` is a float32/float64 CPU
-    tensor (any floating dtype, and CUDA, inside :class:`torch_ops`) of one of the ranks
-    in `ndims`, with the dtype and device of `like` (a parameter)."""
+    """Raises a TypeError/ValueError naming `name` unless `t` is a float32/float64
+    tensor (any floating dtype where :func:`uses_torch_ops`) of one of the ranks in
+    `ndims`, with the dtype and device of `like` (a parameter)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dim() not in ndims:
         ranks = " or ".join(f"{d}-d" for d in ndims)
         raise ValueError(f"{name}: expected a {ranks} tensor{layout_doc}, got shape {tuple(t.shape)}")
-    if t.dtype not in SUPPORTED_DTYPES and not (t.is_floating_point() and torch_ops_active()):
+    if t.dtype not in SUPPORTED_DTYPES and not (t.is_floating_point() and uses_torch_ops(t)):
         raise TypeError(
             f"{name}: expected dtype torch.float32 or torch.float64 (the Rust kernels' types), got "
             f"{t.dtype}; convert the module and its input with .float(), use torch.autocast for mixed "
             "precision, or compute in torch's ops, which take any floating dtype, inside "
             "`with cnnboost.torch_ops():`"
         )
-    if t.device.type != "cpu" and not (t.device.type == "cuda" and (_cuda_core() is not None or torch_ops_active())):
-        raise ValueError(f"{name}: expected a tensor on the CPU, got one on {t.device} ({NO_CUDA})")
     if like is not None:
         if t.dtype != like.dtype:
             raise TypeError(

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from . import _core
 from . import reference
-from ._torch import autocast_input, core_for, check_bool, check_eps, check_int, check_momentum, sync_active, synced_batch_norm, check_tensor, from_array, is_channels_last, kernel_op, map_format, map_from_array, map_to_array, refuse_scripting, to_array, torch_ops_active, update_running_stats
+from ._torch import autocast_input, core_for, check_bool, check_eps, check_int, check_momentum, sync_active, synced_batch_norm, check_tensor, from_array, is_channels_last, kernel_op, map_format, map_from_array, map_to_array, refuse_scripting, to_array, uses_torch_ops, update_running_stats
 
 __all__ = ["AB"]
 
@@ -178,7 +178,7 @@ class AB(nn.Module):
             t = self.conv(x.mean((2, 3), keepdim=True)).flatten(1)
             gate = torch.sigmoid(synced_batch_norm(t, bn, self.process_group))
             return x * gate[:, :, None, None]
-        if torch_ops_active():
+        if uses_torch_ops(x):
             return reference.AB.forward(self, x)
         out, _, mean, _, var = ab_forward(x, self.conv.weight, self.conv.bias, bn.weight, bn.bias,
                                           bn.running_mean, bn.running_var, self.groups, bn.eps, self.training,

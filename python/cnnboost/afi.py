@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from . import _core, reference
 from ._torch import (autocast_input, core_for, check_int, check_tensor, from_array, is_channels_last, kernel_op,
-                     map_format, map_from_array, map_to_array, refuse_scripting, to_array, torch_ops_active)
+                     map_format, map_from_array, map_to_array, refuse_scripting, to_array, uses_torch_ops)
 
 __all__ = ["AFI"]
 
@@ -163,7 +163,7 @@ class AFI(nn.Module):
         for i, x in enumerate(xs[1:], 1):
             if x.shape != first.shape:
                 raise ValueError(f"xs[{i}]: expected shape {tuple(first.shape)} (that of xs[0]), got {tuple(x.shape)}")
-        if torch_ops_active():
+        if uses_torch_ops(first):
             return reference.AFI.forward(self, xs)
         out, _, _, _ = afi_forward(list(xs), self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
                                    self.reduction, all(is_channels_last(x) for x in xs))

@@ -30,7 +30,7 @@ from ._torch import (
     pooling_grad,
     refuse_scripting,
     to_array,
-    torch_ops_active,
+    uses_torch_ops,
 )
 
 __all__ = ["FFC"]
@@ -246,7 +246,7 @@ class FFC(nn.Module):
             raise ValueError(
                 f"x: expected {self.in_features} channels (in_features) in dim 1, got shape {tuple(x.shape)}"
             )
-        if torch_ops_active():
+        if uses_torch_ops(x):
             return reference.FFC.forward(self, x)
         filters = self.filters()
         ln_weight = torch.stack([f.weight for f in filters])

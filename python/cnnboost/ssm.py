@@ -36,7 +36,7 @@ from ._torch import (
     synced_batch_norm,
     refuse_scripting,
     to_array,
-    torch_ops_active,
+    uses_torch_ops,
     update_running_stats_of,
 )
 
@@ -287,7 +287,7 @@ class SSM(nn.Module):
             )
         if sync_active(self.sync_bn, self.training, self.process_group) and len(self.bns) > 0:
             return self._forward_synced(x)
-        if torch_ops_active():
+        if uses_torch_ops(x):
             return reference.SSM.forward(self, x)
         out, mean, _, var, _ = ssm_forward(
             x,
