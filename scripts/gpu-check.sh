@@ -9,9 +9,9 @@
 #   3. `benches/compare.py --device cuda`, without torch.compile, then (if STEPS says so)
 #      with it.
 # Logs go to $OUT (default: ./gpu-check-out). Env: STEPS (default "smoke tests bench"; add
-# "compile" for the torch.compile columns, "torch-route" for the benchmark of the route a GPU
-# without the CUDA build takes, "profile" for benches/profile_cuda.py on five
-# cases, "demo" for the demo), REPS (default 10).
+# "compile" for the torch.compile columns, "torch-route" / "torch-compile" for the benchmark
+# of the route a GPU without the CUDA build takes, "profile" for benches/profile_cuda.py on
+# five cases, "demo" for three epochs of the demo by each route), REPS (default 10).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-check-out}
@@ -63,7 +63,13 @@ fi
     --no-cuda-build --reps "$reps"
 [[ $steps == *profile* ]] && step profile 150 "$python" benches/profile_cuda.py "ab eval 32x256x56x56" \
     "ab train 32x256x56x56" "afi train 3x32x64x56x56" "ffc train 256x2048" "ssm train 256x2048"
-[[ $steps == *compile* ]] && step compile 200 "$python" benches/compare.py --device cuda --reps "$reps"
-[[ $steps == *demo* ]] && step demo 200 "$python" -m cnnboost.demo --device cuda --plot ""
+[[ $steps == *" compile"* || $steps == compile* ]] && step compile 200 "$python" benches/compare.py --device cuda --reps "$reps"
+[[ $steps == *torch-compile* ]] && step torch-compile 200 "$python" benches/compare.py --device cuda --no-cuda-build \
+    --reps "$reps"
+demo='import sys, cnnboost._torch as t, cnnboost.demo as d
+if sys.argv[1] == "torch": t._cuda_build[:] = [None]
+d.main(["--device", "cuda", "--epochs", "3", "--plot", ""])'
+[[ $steps == *demo* ]] && step demo 110 "$python" -c "$demo" build
+[[ $steps == *demo* ]] && step demo-torch 110 "$python" -c "$demo" torch
 echo "== done ($(date +%T)): status $status"
 exit "$status"
