@@ -170,13 +170,21 @@ NAME_WIDTH = 37  # the longest case name
 CASE_GROUPS = {"ffc": ffc_cases, "ssm": ssm_cases, "ab": ab_cases, "afi": afi_cases}
 
 
+# Where the cases run. Their tensors and modules are made inside `with torch.device(DEVICE)`
+# and timed outside it: `torch.set_default_device` would keep a TorchFunctionMode active
+# during the timings, and that adds ~2 us to every torch call made from Python, which
+# a module calling more torch functions (the eager reference) pays more of.
+DEVICE = torch.device("cpu")
+
+
 def machine_rates():
     """(GEMM GFLOP/s, copy GB/s) as torch measures them here."""
-    a, b = torch.randn(256, 2048), torch.randn(2048, 1000)
+    with torch.device(DEVICE):
+        a, b = torch.randn(256, 2048), torch.randn(2048, 1000)
+        x = torch.randn(64 * 1024 * 1024 // 4)  # 64 MiB
+        y = torch.empty_like(x)
     t = median_time(lambda: a @ b, 15)
     gflops = 2 * 256 * 2048 * 1000 / t / 1e9
-    x = torch.randn(64 * 1024 * 1024 // 4)  # 64 MiB
-    y = torch.empty_like(x)
     t = median_time(lambda: y.copy_(x), 15)
     gbs = 2 * x.numel() * 4 / t / 1e9
     return gflops, gbs
@@ -184,7 +192,7 @@ def machine_rates():
 
 def _sync():
     """Waits for queued GPU work (a no-op on the CPU), so that a timing covers it."""
-    if torch.get_default_device().type == "cuda":
+    if DEVICE.type == "cuda":
         torch.cuda.synchronize()
 
 
@@ -237,24 +245,29 @@ def step_fn(module: nn.Module, case: Case):
 
 def bench_case(case: Case, reps: int, compile_: bool):
     torch.manual_seed(0)
-    fast = case.make(case.fast)
-    ref = case.make(case.ref)
-    ref.load_state_dict(fast.state_dict())
-    runs = {"cnnboost": step_fn(fast, case), "eager": step_fn(ref, case)}
-    if compile_:
-        torch._dynamo.reset()
-        runs["compile"] = step_fn(torch.compile(ref), case)
-    if case.products is not None:
-        runs["products"] = case.products()
+    with torch.device(DEVICE):
+        fast = case.make(case.fast)
+        ref = case.make(case.ref)
+        ref.load_state_dict(fast.state_dict())
+        runs = {"cnnboost": step_fn(fast, case), "eager": step_fn(ref, case)}
+        if compile_:
+            torch._dynamo.reset()
+            runs["compile"] = step_fn(torch.compile(ref), case)
+        if case.products is not None:
+            runs["products"] = case.products()
     for fn in runs.values():  # warm up (and compile)
         fn()
         fn()
     times = {k: [] for k in runs}
-    for _ in range(reps):
-        for k, fn in runs.items():  # interleaved: drift hits all alike
+    keys = list(runs)
+    for i in range(reps):
+        # Interleaved, so that drift hits all alike; the order rotates every round, so
+        # that going first (or after a given neighbour) does too: on a GPU, the first
+        # call of a fixed order measured 50-170 us slower (docs/performance.md, "GPU").
+        for k in keys[i % len(keys):] + keys[:i % len(keys)]:
             _sync()
             t0 = time.perf_counter()
-            fn()
+            runs[k]()
             _sync()
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
@@ -279,7 +292,8 @@ def main(argv: Optional[Sequence[str]] = None):
         cnnboost.set_gemm(args.gemm)
     if args.no_cuda_build:
         cb_torch._cuda_build[:] = [None]
-    torch.set_default_device(args.device)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     all_cases = [c for group in CASE_GROUPS.values() for c in group()]
     if args.case:
         (case,) = [c for c in all_cases if c.name == args.case]

@@ -20,7 +20,8 @@ import compare
 def profile_case(case: compare.Case, steps: int, rows: int):
     torch.manual_seed(0)
     for label, cls in (("cnnboost", case.fast), ("eager", case.ref)):
-        run = compare.step_fn(case.make(cls), case)
+        with torch.device("cuda"):
+            run = compare.step_fn(case.make(cls), case)
         for _ in range(3):
             run()
         torch.cuda.synchronize()
@@ -45,7 +46,7 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rows", type=int, default=12)
     args = parser.parse_args()
-    torch.set_default_device("cuda")
+    compare.DEVICE = torch.device("cuda")
     cases = {c.name: c for group in compare.CASE_GROUPS.values() for c in group()}
     for name in args.cases:
         profile_case(cases[name], args.steps, args.rows)

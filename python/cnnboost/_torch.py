@@ -365,7 +365,7 @@ def uses_torch_ops(t: torch.Tensor) -> bool:
     :mod:`cnnboost.reference`) rather than the kernels: inside :class:`torch_ops` (or
     where it is entered for you), and for tensors on a device without kernels (a GPU
     without the CUDA build, ``meta``, ``mps``, ...). On a GPU that is also the faster
-    route today: torch's ops ran 1.7-5x faster than the CUDA build on an H200
+    route today: torch's ops ran 1.4-7x faster than the CUDA build on an H200
     (docs/performance.md, "GPU")."""
     return torch_ops_active() or not has_kernels_for(t.device)
 
