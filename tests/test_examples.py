@@ -1,5 +1,5 @@
 """The example notebook runs top to bottom (its code cells, in one namespace, as a
-kernel would), and the demo's main job runs."""
+kernel would), the demo's main job runs, and so does the benchmark script."""
 
 import json
 import pathlib
@@ -88,3 +88,39 @@ def test_demo_trains_on_cuda(capsys, tmp_path):
 
     demo.main(["--device", "cuda", "--epochs", "1", "--variants", "all", "--plot", ""])
     assert "all" in capsys.readouterr().out
+
+
+def _load_compare():
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("compare", ROOT / "benches" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("compare", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_script_times_outside_any_torch_function_mode(capsys, monkeypatch):
+    """`benches/compare.py` runs, and its timed calls see no TorchFunctionMode: a
+    default device (`torch.set_default_device`) would keep one active, taxing every
+    torch call from Python (eager's more than cnnboost's)."""
+    import cnnboost
+    from cnnboost import reference
+
+    compare = _load_compare()
+    seen = []
+
+    def call(m, xs):
+        seen.append(torch._C._len_torch_function_stack())
+        return m(*xs)
+
+    case = compare.Case("tiny ab eval", lambda cls: cls(8), cnnboost.AB, reference.AB,
+                        lambda: [torch.randn(4, 8, 5, 5)], False, bytes=2 * 4 * 8 * 5 * 5 * 4, call=call)
+    monkeypatch.setattr(compare, "CASE_GROUPS", {"tiny": lambda: [case]})
+    monkeypatch.setattr(compare, "machine_rates", lambda: (1.0, 1.0))
+    compare.main(["--reps", "2", "--no-compile"])
+    out = capsys.readouterr().out
+    assert "tiny ab eval" in out and "x" in out.split("tiny ab eval")[1]
+    assert seen and set(seen) == {0}, seen
+    assert torch.get_default_device() == torch.device("cpu")
