@@ -20,7 +20,7 @@ import compare
 def profile_case(case: compare.Case, steps: int, rows: int):
     torch.manual_seed(0)
     for label, cls in (("cnnboost", case.fast), ("eager", case.ref)):
-        with torch.device("cuda"):
+        with torch.device(compare.DEVICE):
             run = compare.step_fn(case.make(cls), case)
         for _ in range(3):
             run()

@@ -48,15 +48,18 @@ def assert_close(actual, expected, dtype, what, scale=1.0):
 
 
 def _leaves(inputs):
-    return [t for t in inputs if isinstance(t, torch.Tensor)]
+    """The tensors among the inputs, those in a list input (AFI's maps) included."""
+    flat = [t for v in inputs for t in (v if isinstance(v, (list, tuple)) else [v])]
+    return [t for t in flat if isinstance(t, torch.Tensor)]
 
 
-def _as_float64(inputs):
-    """Float64 copies of the inputs (lists of tensors included), as leaves like them."""
+def _copy_inputs(inputs, convert=lambda t: t):
+    """Fresh leaves with the inputs' values (``convert``-ed), lists of tensors included,
+    so that each module's gradients land on tensors of its own."""
     def one(t):
         if not isinstance(t, torch.Tensor):
             return t
-        return t.detach().double().requires_grad_(t.requires_grad)
+        return convert(t.detach().clone()).requires_grad_(t.requires_grad)
     return [[one(t) for t in v] if isinstance(v, (list, tuple)) else one(v) for v in inputs]
 
 
@@ -102,9 +105,8 @@ def compare(
     ref.train(train)
     exact = copy.deepcopy(ref).double() if dtype == torch.float32 else None
     inputs_f = make_inputs()
-    inputs_r = [t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
-                for t in inputs_f]
-    inputs_e = _as_float64(inputs_r) if exact is not None else None
+    inputs_r = _copy_inputs(inputs_f)
+    inputs_e = _copy_inputs(inputs_r, torch.Tensor.double) if exact is not None else None
     out_f = call(fast, inputs_f)
     out_r = call(ref, inputs_r)
     out_e = call(exact, inputs_e) if exact is not None else None

@@ -22,7 +22,8 @@ CASES = {
     "ssm": (cnnboost.SSM, reference.SSM, (12, 5), {}, lambda d: [torch.randn(6, 12, 2, 2, **d, requires_grad=True)]),
     "ab": (cnnboost.AB, reference.AB, (8,), {}, lambda d: [torch.randn(4, 8, 5, 5, **d, requires_grad=True)]),
     "ab-plus": (cnnboost.AB, reference.AB, (8,), {"groups": 1}, lambda d: [torch.randn(4, 8, 5, 5, **d, requires_grad=True)]),
-    "afi": (cnnboost.AFI, reference.AFI, (8,), {}, None),
+    "afi": (cnnboost.AFI, reference.AFI, (8,), {},
+            lambda d: [[torch.randn(3, 8, 4, 4, **d, requires_grad=True) for _ in range(3)]]),
 }
 
 
@@ -35,12 +36,7 @@ def test_cuda_matches_the_reference_on_cuda(name, train, dtype):
     fast_cls, ref_cls, args, kwargs, make = CASES[name]
     fast, ref = twins(fast_cls, ref_cls, *args, dtype=dtype, **kwargs)
     fast, ref = fast.cuda(), ref.cuda()
-    d = {"dtype": dtype, "device": "cuda"}
-    if name == "afi":
-        inputs = lambda: [[torch.randn(3, 8, 4, 4, **d, requires_grad=True) for _ in range(3)]]  # noqa: E731
-        compare(fast, ref, inputs, train=train, call=lambda m, i: m(i[0]))
-    else:
-        compare(fast, ref, lambda: make(d), train=train)
+    compare(fast, ref, lambda: make({"dtype": dtype, "device": "cuda"}), train=train)
 
 
 @pytest.mark.cuda
@@ -128,7 +124,7 @@ def test_devices_without_kernels_compute_with_torch_ops(name, dtype, no_kernels_
     d = {"dtype": dtype, "device": "meta"}
     fast = fast_cls(*args, **kwargs).to(**d)
     ref = ref_cls(*args, **kwargs).to(**d)
-    inputs = [[torch.randn(3, 8, 4, 4, **d) for _ in range(3)]] if name == "afi" else make(d)
+    inputs = make(d)
     out = fast(*inputs)
     assert out.device.type == "meta" and out.dtype == dtype
     assert out.shape == ref(*inputs).shape
@@ -144,9 +140,4 @@ def test_cuda_without_the_cuda_build_matches_the_reference(name, train, monkeypa
     fast_cls, ref_cls, args, kwargs, make = CASES[name]
     fast, ref = twins(fast_cls, ref_cls, *args, dtype=torch.float64, **kwargs)
     fast, ref = fast.cuda(), ref.cuda()
-    d = {"dtype": torch.float64, "device": "cuda"}
-    if name == "afi":
-        inputs = lambda: [[torch.randn(3, 8, 4, 4, **d, requires_grad=True) for _ in range(3)]]  # noqa: E731
-        compare(fast, ref, inputs, train=train, call=lambda m, i: m(i[0]))
-    else:
-        compare(fast, ref, lambda: make(d), train=train)
+    compare(fast, ref, lambda: make({"dtype": torch.float64, "device": "cuda"}), train=train)
