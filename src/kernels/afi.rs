@@ -550,7 +550,7 @@ fn write_affine<T: Float, const K: usize>(
 }
 
 /// Softmax over the `m` rows of `s` `[m, cols]`, independently per column: the max in
-/// `T` (exact), each exponential once in `T`, the sum and the division in f64. In
+/// `T` (exact), each exponential once in `T` ([`Float::exp_lanes`]), the sum and the division in f64. In
 /// parallel over blocks of columns.
 fn softmax_over_maps<T: Float>(s: &[T], m: usize, cols: usize) -> Vec<T> {
     const COLS_PER_TASK: usize = 2048;
@@ -579,7 +579,7 @@ fn softmax_over_maps<T: Float>(s: &[T], m: usize, cols: usize) -> Vec<T> {
         for (i, row) in rows.iter_mut().enumerate() {
             for (((e, v), mx), acc) in row.iter_mut().zip(&s[i * cols + c0..][..len]).zip(&max).zip(&mut sum)
             {
-                *e = (*v - T::of(*mx)).exp();
+                *e = (*v - T::of(*mx)).exp_lanes();
                 *acc += e.as_f64();
             }
         }
