@@ -53,6 +53,20 @@ fn forward<const TRAINING: bool>(b: Bencher, i: usize) {
     b.bench(|| ab::forward(&s.cfg, &s.x, s.n, s.hw, &s.params(), s.running()).unwrap());
 }
 
+/// The eval forward with the map coming from memory, as in a network (or in
+/// `compare.py`, where other calls run in between): a 64 MB sweep before each call.
+#[divan::bench(args = [0, 1, 2], sample_count = 20)]
+fn forward_eval_cold(b: Bencher, i: usize) {
+    let s = Setup::new(i, false);
+    let mut sweep = vec![0u8; 64 << 20];
+    b.with_inputs(|| {
+        for v in sweep.iter_mut().step_by(64) {
+            *v = v.wrapping_add(1);
+        }
+    })
+    .bench_local_values(|()| ab::forward(&s.cfg, &s.x, s.n, s.hw, &s.params(), s.running()).unwrap());
+}
+
 /// The forward on a channels-last map (torch's `channels_last`: `[N, H, W, C]` in memory).
 #[divan::bench(consts = [true, false], args = [0, 1, 2], sample_count = 20)]
 fn forward_channels_last<const TRAINING: bool>(b: Bencher, i: usize) {
