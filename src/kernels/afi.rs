@@ -550,8 +550,8 @@ fn write_affine<T: Float, const K: usize>(
 }
 
 /// Softmax over the `m` rows of `s` `[m, cols]`, independently per column: the max in
-/// `T` (exact), each exponential once in `T` ([`Float::exp_lanes`]), the sum and the division in f64. In
-/// parallel over blocks of columns.
+/// `T` (exact), each exponential once in `T` ([`Float::exp_lanes`]), the sum and the
+/// division in f64. In parallel over blocks of columns.
 fn softmax_over_maps<T: Float>(s: &[T], m: usize, cols: usize) -> Vec<T> {
     const COLS_PER_TASK: usize = 2048;
     let mut w = vec![T::zero(); m * cols];
