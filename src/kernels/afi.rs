@@ -20,6 +20,12 @@
 //!   `grad_R` once more while writing every `grad_X_i`.
 //!
 //! No full-size temporary besides the outputs.
+//!
+//! `R` and the `grad_X_i` of `[N, C, H, W]` maps are written with plain stores, not
+//! [`stream`]ing ones: alternating calls in one process (2026-12-01) measured the
+//! streamed writes 5-19% slower in training and eval, on both routes, at the paper's
+//! shapes (and never faster on 2026-11-30). Channels-last outputs are streamed,
+//! which measured 5-7% faster in eval there.
 
 use super::channels_last;
 use super::gemm::{matmul, matmul_new, matmul_serial, Mat};
@@ -213,8 +219,6 @@ fn plane_means<T: Float>(xs: &[&[T]], pl: usize, hw: usize, dst: &mut [T]) {
 
 /// `R`'s plane `pl` into `dst`: `Σ_i w(i) · X_i[pl]`, each element summed in
 /// registers from all the maps and written once (no zero-fill of the output).
-/// `streaming` (only with at most GROUP maps: more are added by reading the plane
-/// back): through [`stream::fill`].
 #[inline]
 fn fuse_plane<T: Float>(
     xs: &[&[T]],
@@ -222,12 +226,10 @@ fn fuse_plane<T: Float>(
     hw: usize,
     dst: &mut [MaybeUninit<T>],
     w: impl Fn(usize) -> T,
-    streaming: bool,
 ) {
     let m = xs.len();
-    debug_assert!(!streaming || m <= GROUP, "a streamed plane is not read back");
     let planes = |i: usize| &xs[i][pl * hw..(pl + 1) * hw];
-    let dst = write_weighted_sum(dst, m.min(GROUP), planes, &w, streaming);
+    let dst = write_weighted_sum(dst, m.min(GROUP), planes, &w);
     // Maps beyond the first group (M > 4) are added in further passes over the
     // (cache-resident) plane.
     for i0 in (GROUP..m).step_by(GROUP) {
@@ -268,14 +270,10 @@ pub fn forward<T: Float>(xs: &[&[T]], n: usize, c: usize, hw: usize, p: &Params<
     // R = Σ_i s~_i · X_i, one pass over the planes.
     let mut out = output_buffer::<T>(nc * hw);
     let per = planes_per_task(hw, m + 1);
-    let streaming = streams_out::<T>(m, nc, hw);
     out.spare_capacity_mut()[..nc * hw].par_chunks_mut(per * hw).enumerate().for_each(|(k, chunk)| {
         for (q, dst) in chunk.chunks_exact_mut(hw).enumerate() {
             let pl = k * per + q;
-            fuse_plane(xs, pl, hw, dst, |i| weights[i * nc + pl], streaming);
-        }
-        if streaming {
-            stream::fence();
+            fuse_plane(xs, pl, hw, dst, |i| weights[i * nc + pl]);
         }
     });
     // SAFETY: `nc * hw` is whole planes and every element of every plane was written.
@@ -353,13 +351,6 @@ fn check_saved<T>(
     check_len("saved.weights", saved.weights, &[m, n, c])
 }
 
-/// Whether the forward streams `R` (`planes` planes of `hw`) out: when it is large enough
-/// ([`stream::worth_it`]) and `m` maps are summed in one sweep (more are added by
-/// reading the plane back).
-fn streams_out<T>(m: usize, planes: usize, hw: usize) -> bool {
-    m <= GROUP && stream::worth_it::<T>(planes * hw, hw)
-}
-
 /// A plane-major `[planes, m]` matrix (one value per map for each plane) laid out
 /// map by map, `[m, planes]`.
 fn map_major<T: Float>(plane_major: &[T], m: usize) -> Vec<T> {
@@ -400,8 +391,8 @@ fn forward_per_sample<T: Float>(
     let mut out = output_buffer::<T>(nc * hw);
     // Per sample: (z [M, C], hidden [M, hidden], weights [M, C]), scattered below.
     let mut small: Vec<(Vec<T>, Vec<T>, Vec<T>)> = Vec::with_capacity(n);
-    let streaming =
-        if channels_last { stream::worth_it::<T>(nc * hw, c) } else { streams_out::<T>(m, nc, hw) };
+    // Only channels-last outputs are streamed (see the module's doc).
+    let streaming = channels_last && stream::worth_it::<T>(nc * hw, c);
     out.spare_capacity_mut()[..nc * hw]
         .par_chunks_mut(sample)
         .enumerate()
@@ -426,10 +417,7 @@ fn forward_per_sample<T: Float>(
             let z = map_major(&zt, m);
             let (h, w) = score(&z, m, c, hidden, p, true);
             for (ch, dst) in o.chunks_exact_mut(hw).enumerate() {
-                fuse_plane(&maps, ch, hw, dst, |i| w[i * c + ch], streaming);
-            }
-            if streaming {
-                stream::fence();
+                fuse_plane(&maps, ch, hw, dst, |i| w[i * c + ch]);
             }
             (z, h, w)
         })
@@ -456,31 +444,16 @@ fn forward_per_sample<T: Float>(
 const GROUP: usize = 4;
 
 /// `dst[j] = Σ_{i < k} w(i) · planes(i)[j]` for `k <= GROUP` maps, with the sum in
-/// registers; returns `dst`, now initialised. With `streaming`, through
-/// [`stream::fill`] (then `dst` must not be read back before a [`stream::fence`]).
+/// registers; returns `dst`, now initialised.
 #[inline]
 fn write_weighted_sum<'a, 'x, T: Float>(
     dst: &'a mut [MaybeUninit<T>],
     k: usize,
     planes: impl Fn(usize) -> &'x [T],
     w: impl Fn(usize) -> T,
-    streaming: bool,
 ) -> &'a mut [T] {
-    fn run<T: Float, const K: usize>(dst: &mut [MaybeUninit<T>], src: [&[T]; K], w: [T; K], streaming: bool) {
+    fn run<T: Float, const K: usize>(dst: &mut [MaybeUninit<T>], src: [&[T]; K], w: [T; K]) {
         let src = src.map(|s| &s[..dst.len()]);
-        if streaming {
-            stream::fill(dst, |at, vals| {
-                let src = src.map(|s| &s[at..at + vals.len()]);
-                for (j, d) in vals.iter_mut().enumerate() {
-                    let mut v = w[0] * src[0][j];
-                    for i in 1..K {
-                        v += w[i] * src[i][j];
-                    }
-                    *d = v;
-                }
-            });
-            return;
-        }
         for (j, d) in dst.iter_mut().enumerate() {
             let mut v = w[0] * src[0][j];
             for i in 1..K {
@@ -490,15 +463,10 @@ fn write_weighted_sum<'a, 'x, T: Float>(
         }
     }
     match k {
-        1 => run::<T, 1>(dst, [planes(0)], [w(0)], streaming),
-        2 => run::<T, 2>(dst, [planes(0), planes(1)], [w(0), w(1)], streaming),
-        3 => run::<T, 3>(dst, [planes(0), planes(1), planes(2)], [w(0), w(1), w(2)], streaming),
-        _ => run::<T, 4>(
-            dst,
-            [planes(0), planes(1), planes(2), planes(3)],
-            [w(0), w(1), w(2), w(3)],
-            streaming,
-        ),
+        1 => run::<T, 1>(dst, [planes(0)], [w(0)]),
+        2 => run::<T, 2>(dst, [planes(0), planes(1)], [w(0), w(1)]),
+        3 => run::<T, 3>(dst, [planes(0), planes(1), planes(2)], [w(0), w(1), w(2)]),
+        _ => run::<T, 4>(dst, [planes(0), planes(1), planes(2), planes(3)], [w(0), w(1), w(2), w(3)]),
     }
     // SAFETY: `run` wrote every element of `dst`.
     unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr() as *mut T, dst.len()) }
@@ -522,26 +490,10 @@ fn add_weighted_sum<'x, T: Float>(
 }
 
 /// `dst[k][j] = a_k · src[j] + b_k` for `K` outputs, `coef[k] = (a_k, b_k)`, in one
-/// sweep over `src`; with `streaming`, through [`stream::fill`].
+/// sweep over `src`.
 #[inline]
-fn write_affine<T: Float, const K: usize>(
-    src: &[T],
-    dst: [&mut [MaybeUninit<T>]; K],
-    coef: [(T, T); K],
-    streaming: bool,
-) {
+fn write_affine<T: Float, const K: usize>(src: &[T], dst: [&mut [MaybeUninit<T>]; K], coef: [(T, T); K]) {
     let dst = dst.map(|d| &mut d[..src.len()]);
-    if streaming {
-        for k in 0..K {
-            let (a, b) = coef[k];
-            stream::fill(dst[k], |at, vals| {
-                for (d, &v) in vals.iter_mut().zip(&src[at..]) {
-                    *d = a * v + b;
-                }
-            });
-        }
-        return;
-    }
     for (j, &v) in src.iter().enumerate() {
         for k in 0..K {
             dst[k][j].write(coef[k].0 * v + coef[k].1);
@@ -634,16 +586,12 @@ pub fn backward<T: Float>(
     let block = per * hw;
     let mut gxs: Vec<Vec<T>> = (0..m).map(|_| output_buffer::<T>(total)).collect();
     let tasks = split_outputs(&mut gxs, total, block);
-    let streaming = stream::worth_it::<T>(m * total, hw);
     tasks.into_par_iter().zip(grad_out.par_chunks(block)).enumerate().for_each(|(k, (mut dsts, go))| {
         let p0 = k * per;
         for (q, gp) in go.chunks_exact(hw).enumerate() {
             let pl = p0 + q;
             let coef = |i: usize| (weights[i * nc + pl], dz[i * nc + pl]);
-            write_plane_grads(&mut dsts, q * hw..(q + 1) * hw, gp, coef, streaming);
-        }
-        if streaming {
-            stream::fence();
+            write_plane_grads(&mut dsts, q * hw..(q + 1) * hw, gp, coef);
         }
     });
     for gx in gxs.iter_mut() {
@@ -676,7 +624,8 @@ fn backward_per_sample<T: Float>(
     let total = nc * hw;
     let mut gxs: Vec<Vec<T>> = (0..m).map(|_| output_buffer::<T>(total)).collect();
     let tasks = split_outputs(&mut gxs, total, sample);
-    let streaming = stream::worth_it::<T>(m * total, if channels_last { c } else { hw });
+    // Only channels-last gradients are streamed (see the module's doc).
+    let streaming = channels_last && stream::worth_it::<T>(m * total, c);
     // Per sample: (dS [M, C], dH [M, hidden]), for the parameter gradients.
     let mut small: Vec<(Vec<T>, Vec<T>)> = Vec::with_capacity(n);
     tasks
@@ -706,14 +655,14 @@ fn backward_per_sample<T: Float>(
             if channels_last {
                 let (a, b): (Vec<&[T]>, Vec<&[T]>) = w.chunks_exact(c).zip(dz.chunks_exact(c)).unzip();
                 channels_last::affine_rows_into(&mut dsts, go, &a, &b, streaming);
+                if streaming {
+                    stream::fence();
+                }
             } else {
                 for (ch, gp) in go.chunks_exact(hw).enumerate() {
                     let coef = |i: usize| (w[i * c + ch], dz[i * c + ch]);
-                    write_plane_grads(&mut dsts, ch * hw..(ch + 1) * hw, gp, coef, streaming);
+                    write_plane_grads(&mut dsts, ch * hw..(ch + 1) * hw, gp, coef);
                 }
-            }
-            if streaming {
-                stream::fence();
             }
             (ds, dh)
         })
@@ -839,7 +788,6 @@ fn write_plane_grads<T: Float>(
     range: std::ops::Range<usize>,
     gp: &[T],
     coef: impl Fn(usize) -> (T, T),
-    streaming: bool,
 ) {
     for (g0, group) in dsts.chunks_mut(GROUP).enumerate() {
         let (i0, k) = (g0 * GROUP, group.len());
@@ -847,10 +795,10 @@ fn write_plane_grads<T: Float>(
         let mut next = || planes.next().expect("one plane per map of the group");
         let coef = |i: usize| coef(i0 + i);
         match k {
-            1 => write_affine(gp, [next()], std::array::from_fn(coef), streaming),
-            2 => write_affine(gp, [next(), next()], std::array::from_fn(coef), streaming),
-            3 => write_affine(gp, [next(), next(), next()], std::array::from_fn(coef), streaming),
-            _ => write_affine(gp, [next(), next(), next(), next()], std::array::from_fn(coef), streaming),
+            1 => write_affine(gp, [next()], std::array::from_fn(coef)),
+            2 => write_affine(gp, [next(), next()], std::array::from_fn(coef)),
+            3 => write_affine(gp, [next(), next(), next()], std::array::from_fn(coef)),
+            _ => write_affine(gp, [next(), next(), next(), next()], std::array::from_fn(coef)),
         }
     }
 }
@@ -1040,9 +988,9 @@ mod tests {
 
     #[test]
     fn streamed_outputs_equal_plain_ones() {
-        // Both forwards and both backwards (one sample per task with one thread, two
-        // passes with more threads than samples), with M past GROUP too (whose forward
-        // never streams), and planes around the streaming block.
+        // The channels-last passes (the only ones that stream): both forwards and both
+        // backwards (one sample per task with one thread, two passes with more threads
+        // than samples), with M past GROUP too, and rows around the streaming block.
         for (m, n, c, hd, hw) in [(3, 3, 4, 2, 70), (2, 2, 3, 1, 64), (5, 2, 3, 2, 9)] {
             let case = Case::new(m, n, c, hd, hw, true, 40 + m as u64);
             let go = rand_vec(n * c * hw, 6);
@@ -1051,9 +999,9 @@ mod tests {
                 let run = |streaming: bool| {
                     pool.install(|| {
                         stream::forced(streaming, || {
-                            let f = forward(&case.x_refs(), n, c, hw, &case.params()).unwrap();
-                            let g =
-                                backward(&go, &case.x_refs(), n, c, hw, &case.params(), &f.saved()).unwrap();
+                            let (xs, p) = (case.x_refs(), case.params());
+                            let f = forward_channels_last(&xs, n, c, hw, &p).unwrap();
+                            let g = backward_channels_last(&go, &xs, n, c, hw, &p, &f.saved()).unwrap();
                             (f.out, g.xs)
                         })
                     })

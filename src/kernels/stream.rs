@@ -2,9 +2,11 @@
 //!
 //! A normal store to memory that is not in cache first reads the line it writes
 //! (write-allocate), so writing a map costs a read and a write of it. Large output
-//! maps (AB's and AFI's outputs and input gradients, the pooled-gradient broadcast)
-//! leave the last-level cache before anything reads them again, so they are written
-//! with streaming stores, which skip that read ([`worth_it`] says when). A pass
+//! maps (AB's outputs and input gradients, AFI's channels-last ones, the
+//! pooled-gradient broadcast) leave the last-level cache before anything reads them
+//! again, so they are written with streaming stores, which skip that read
+//! ([`worth_it`] says when). AFI's `[N, C, H, W]` outputs are not: they measured
+//! faster with plain stores (see `afi.rs`). A pass
 //! computes a small block of values in registers and L1 ([`fill`], [`BLOCK`]) and
 //! hands it to [`store`]; each parallel task that stored calls [`fence`] before it
 //! finishes, so that its stores are visible to the thread that joins it.
