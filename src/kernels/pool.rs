@@ -60,6 +60,18 @@ fn lane_sums<T: Float, const K: usize>(a: &[T], bs: [&[T]; K], f: impl Fn(T, T) 
     }
 }
 
+/// `lanes`, unchanged, through [`std::hint::black_box`]: the lane sums' loop then
+/// compiles to whole 4-wide SSE vectors. Without it, LLVM (rustc 1.95) vectorised the
+/// loop together with the f32 → f64 conversion after it, two floats per vector (the
+/// width of a conversion), with register shuffles on every step: AFI's dots ran at
+/// half the speed in perf, a compute limit near the memory bandwidth of the machine
+/// (see docs/performance.md, 2026-12-01, afternoon). It costs one store and load of
+/// the lanes per block.
+#[inline(always)]
+fn vector_width_barrier<L>(lanes: L) -> L {
+    std::hint::black_box(lanes)
+}
+
 /// [`lane_sums`] by blocks of [`BLOCK`], for any length.
 #[inline(always)]
 fn block_lane_sums<T: Float, const K: usize>(a: &[T], bs: [&[T]; K], f: impl Fn(T, T) -> T) -> [f64; K] {
@@ -67,15 +79,17 @@ fn block_lane_sums<T: Float, const K: usize>(a: &[T], bs: [&[T]; K], f: impl Fn(
     let mut total = [[0.0f64; 8]; K];
     let lanes = |start: usize, len: usize, total: &mut [[f64; 8]; K]| {
         let mut acc = [[T::zero(); 8]; K];
-        let mut ys = bs.map(|b| b[start..start + len].chunks_exact(8));
-        for x8 in a[start..start + len].chunks_exact(8) {
+        let x = &a[start..start + len];
+        let ys = bs.map(|b| &b[start..start + len]);
+        for (j, x8) in x.chunks_exact(8).enumerate() {
             for k in 0..K {
-                let Some(y8) = ys[k].next() else { unreachable!("same length as a") };
+                let y8 = &ys[k][8 * j..8 * j + 8];
                 for i in 0..8 {
                     acc[k][i] += f(x8[i], y8[i]);
                 }
             }
         }
+        let acc = vector_width_barrier(acc);
         for k in 0..K {
             for i in 0..8 {
                 total[k][i] += acc[k][i].as_f64();
@@ -108,7 +122,7 @@ fn short_lane_sums<T: Float, const K: usize>(a: &[T], bs: [&[T]; K], f: impl Fn(
                 acc[i] += f(x8[i], y8[i]);
             }
         }
-        let t = acc.map(|v| v.as_f64());
+        let t = vector_width_barrier(acc).map(|v| v.as_f64());
         let tail: f64 = a[whole..].iter().zip(&b[whole..]).map(|(&x, &y)| f(x, y).as_f64()).sum();
         ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7])) + tail
     })
