@@ -22,6 +22,7 @@ def _kernels_in_the_pool():
     before = _core._set_serial_work(0)
     yield
     _core._set_serial_work(before)
+    _core._set_own_pools(True)
 
 
 @pytest.fixture(params=["rayon", "rayon/builtin-gemm", "rayon/calling-thread", "candle"])

@@ -69,15 +69,23 @@ MODULES = {
 }
 
 
-# Where the kernels run (conftest's `_set_serial_work`): cnnboost's pool, or the
-# calling thread, which small calls take by default.
-ROUTES = {"pool": 0, "calling-thread": 1 << 62}
+# Where the kernels run: the calling thread's own pool, with the calling thread as
+# its worker 0 (large calls, by default); the shared pool (where a thread's own pool
+# cannot serve: after a thread-count change, in a forked child); the calling thread
+# alone (small calls). (serial work, own pools) for `_set_serial_work`, `_set_own_pools`.
+ROUTES = {"own-pool": (0, True), "shared-pool": (0, False), "calling-thread": (1 << 62, True)}
+
+
+def _take(route):
+    work, own_pools = ROUTES[route]
+    cnnboost._core._set_serial_work(work)
+    cnnboost._core._set_own_pools(own_pools)
 
 
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("name", MODULES)
 def test_many_python_threads_share_one_module(name, route):
-    cnnboost._core._set_serial_work(ROUTES[route])
+    _take(route)
     make, data, call = MODULES[name]
     m = make().eval()  # eval: no running-stat updates racing between threads
     xs = [data(torch.Generator().manual_seed(i)) for i in range(8)]
@@ -119,27 +127,54 @@ def _step_in_child(conn, make_state, call, x, threads):
 
 
 @pytest.mark.parametrize("name", MODULES)
-def test_both_routes_give_the_same_training_step(name):
-    """Small calls run on the calling thread, large ones in the pool: the kernels give
-    the same values on any number of threads, so the step is the same bit for bit."""
+def test_every_route_gives_the_same_training_step(name):
+    """Small calls run on the calling thread, large ones in its own pool or the shared
+    one: the kernels give the same values on any number of threads, so the step is the
+    same bit for bit."""
     make, data, call = MODULES[name]
     x = data(torch.Generator().manual_seed(3))
     steps = {}
-    for route, work in ROUTES.items():
-        cnnboost._core._set_serial_work(work)
+    for route in ROUTES:
+        _take(route)
         torch.manual_seed(0)
         steps[route] = _training_step(make(), call, x)
-    for a, b in zip(*steps.values()):
+    want = steps.pop("own-pool")
+    for route, got in steps.items():
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b), route
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_a_thread_count_change_after_the_first_call_gives_the_same_step(name):
+    """A thread's own pool keeps the size it was built with (rayon cannot rebuild it),
+    so after `set_num_threads` to another count the thread's calls go to the shared
+    pool of the new size: same values, and the count the user set."""
+    make, data, call = MODULES[name]
+    x = data(torch.Generator().manual_seed(5))
+    before = cnnboost.get_num_threads()
+    torch.manual_seed(0)
+    want = _training_step(make(), call, x)  # this thread's own pool exists now
+    try:
+        cnnboost.set_num_threads(before + 1)
+        torch.manual_seed(0)
+        got = _training_step(make(), call, x)
+        assert cnnboost.get_num_threads() == before + 1
+    finally:
+        cnnboost.set_num_threads(before)
+    for a, b in zip(got, want):
         assert torch.equal(a, b)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX-only")
-@pytest.mark.parametrize("threads, route", [(None, "pool"), (1, "pool"), (None, "calling-thread")])
+@pytest.mark.parametrize(
+    "threads, route", [(None, "own-pool"), (1, "own-pool"), (None, "shared-pool"), (None, "calling-thread")]
+)
 @pytest.mark.parametrize("name", MODULES)
 def test_a_forked_child_computes_like_its_parent(name, threads, route):
     """multiprocessing's default start on Linux forks; the child has none of the
-    parent's threads, so it must not wait on the parent's pool (it used to hang)."""
-    cnnboost._core._set_serial_work(ROUTES[route])
+    parent's threads, so it must not wait on the parent's pools (it used to hang)."""
+    _take(route)
     make, data, call = MODULES[name]
     torch.manual_seed(0)
     m = make()

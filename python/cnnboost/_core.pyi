@@ -63,8 +63,15 @@ def expand_planes(values: ArrayLike, hw: int, channels_last: bool = False) -> Ar
 
 def _set_serial_work(work: int) -> int:
     """Sets the size of call (its maps' elements plus its products' multiply-adds / 256)
-    below which a kernel runs on the calling thread instead of cnnboost's pool (default
-    262144; 0: always the pool); returns the previous value. For tests and benchmarks."""
+    below which a kernel runs on the calling thread alone instead of across cnnboost's
+    threads (default 65536; 0: always across them); returns the previous value. For
+    tests and benchmarks."""
+
+def _set_own_pools(on: bool) -> bool:
+    """Sets whether a calling thread runs the kernels in a pool of its own, as that
+    pool's first worker (the default), or hands them to the shared pool and waits (the
+    route its calls take after ``set_num_threads`` to another count, or in a forked
+    child); returns the previous value. For tests and benchmarks."""
 
 def _set_blas(sgemm: int, dgemm: int, serial: bool = False) -> None:
     """Registers a BLAS's ``sgemm_``/``dgemm_`` by address (``(0, 0)``: back to the

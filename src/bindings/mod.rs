@@ -16,6 +16,7 @@ use crate::kernels;
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use rayon::{ThreadPool, ThreadPoolBuilder};
+use std::cell::OnceCell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -90,17 +91,19 @@ fn pool() -> PyResult<Arc<ThreadPool>> {
 }
 
 /// The size of a call, for [`compute`]: the elements of its maps, plus its matrix
-/// products' multiply-adds over 256 (products of up to ~13M multiply-adds, SSM's at
-/// 128 × 1024 → 100, measured faster on the calling thread).
+/// products' multiply-adds over 256.
 pub(crate) fn work(elements: usize, multiply_adds: usize) -> usize {
     elements.saturating_add(multiply_adds / 256)
 }
 
-/// Calls of less [`work`] run on the calling thread: handing one to the pool and
-/// waking its threads costs 20-120 µs on this VM (more the longer they slept), as much
-/// as the kernel of a 256K-element map. `_set_serial_work` changes it (the tests send
-/// every call to the pool with 0).
-static SERIAL_WORK: AtomicUsize = AtomicUsize::new(1 << 18);
+/// Calls of less [`work`] run their loops whole on the calling thread
+/// ([`kernels::par::serially`]): below it, waking another thread and waiting for the
+/// part it took cost more than they save on this VM. Alternating the two routes in
+/// one process (docs/performance.md, "Measured 2026-12-01, midday"), two threads were
+/// 1.1–1.5× slower at 12K–33K elements, even at 65K, and 0.65–0.9× from 130K up.
+/// `_set_serial_work` changes it (the tests send every call through the pool's
+/// threads with 0).
+static SERIAL_WORK: AtomicUsize = AtomicUsize::new(1 << 16);
 
 /// Sets the [`work`] below which calls run on the calling thread; returns the previous
 /// value. For tests and benchmarks.
@@ -109,26 +112,75 @@ fn _set_serial_work(work: usize) -> usize {
     SERIAL_WORK.swap(work, Ordering::Relaxed)
 }
 
-thread_local! {
-    /// The calling thread as the single worker of a pool of its own, so that a small
-    /// kernel's parallel loops run inline. rayon leaves such a thread registered for
-    /// the rest of its life (one small pool per Python thread that calls cnnboost); it
-    /// still hands large calls to the shared pool. None where rayon refuses.
-    static CALLING_THREAD: Option<ThreadPool> =
-        ThreadPoolBuilder::new().num_threads(1).use_current_thread().build().ok();
+/// A calling thread's own pool: the thread itself as worker 0 (rayon's
+/// `use_current_thread`) and `threads - 1` workers, so that a call starts on the
+/// calling thread and wakes only the workers it splits work to, as OpenMP's (torch's)
+/// parallel regions do. Handing every call to the shared pool instead left the
+/// calling thread blocked and its CPU idle while the shared pool's second worker,
+/// woken by the first, waited behind it on the first one's CPU: on this 2-CPU VM AB's
+/// eval at 32×2048×7×7 then ran on one thread, 2.2–3.1 ms against 1.4 ms
+/// (docs/performance.md, "Measured 2026-12-01, midday").
+struct OwnPool {
+    pool: ThreadPool,
+    /// The process that built it: a forked child inherits the registration but not
+    /// the workers.
+    pid: u32,
 }
 
-/// Runs a kernel with the GIL released: inside cnnboost's pool, or on the calling
-/// thread when its [`work`] is small (the kernels give the same results on any number
-/// of threads). A panic (a bug, never expected) becomes a `RuntimeError` instead of
-/// crossing the FFI boundary.
+thread_local! {
+    /// Built at the thread's first call, of the kernels' thread count then. rayon
+    /// leaves the thread registered in it for the rest of the thread's life, so it
+    /// cannot be rebuilt: after `set_num_threads` to another count, or in a forked
+    /// child, this thread hands its large calls to the shared pool instead. None where
+    /// rayon refuses (a thread that is already a worker of some pool).
+    static OWN_POOL: OnceCell<Option<OwnPool>> = const { OnceCell::new() };
+}
+
+/// Whether calling threads run large calls in their own pools (default) or hand them
+/// to the shared one; `_set_own_pools`, so that the tests take both routes.
+static OWN_POOLS: AtomicBool = AtomicBool::new(true);
+
+/// Sets whether calling threads run calls in pools of their own (see [`OwnPool`]);
+/// returns the previous value. For tests and benchmarks.
+#[pyfunction]
+fn _set_own_pools(on: bool) -> bool {
+    OWN_POOLS.swap(on, Ordering::Relaxed)
+}
+
+/// Runs a kernel with the GIL released: in the calling thread's own pool (see
+/// [`OwnPool`]), or the shared pool where that one cannot serve; a call of small
+/// [`work`] on the calling thread alone. The kernels give the same results on any
+/// number of threads. A panic (a bug, never expected) becomes a `RuntimeError`
+/// instead of crossing the FFI boundary.
 pub(crate) fn compute<R: Send>(py: Python<'_>, work: usize, f: impl FnOnce() -> R + Send) -> PyResult<R> {
-    let pool = pool()?;
+    let shared = pool()?;
+    let serial = work < SERIAL_WORK.load(Ordering::Relaxed);
+    let own_pools = OWN_POOLS.load(Ordering::Relaxed);
     py.detach(move || {
         let run = || catch_unwind(AssertUnwindSafe(f));
-        CALLING_THREAD.with(|own| match own {
-            Some(own) if work < SERIAL_WORK.load(Ordering::Relaxed) => own.install(run),
-            _ => pool.install(run),
+        OWN_POOL.with(|own| {
+            let threads = shared.current_num_threads();
+            let own = own.get_or_init(|| {
+                let pool = ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(|i| format!("cnnboost-{i}"))
+                    .use_current_thread()
+                    .build()
+                    .ok()?;
+                Some(OwnPool { pool, pid: std::process::id() })
+            });
+            let own = own.as_ref().filter(|own| {
+                own_pools && own.pid == std::process::id() && own.pool.current_num_threads() == threads
+            });
+            match (own, serial) {
+                (Some(own), true) => own.pool.install(|| kernels::par::serially(run)),
+                (Some(own), false) => own.pool.install(run),
+                // This thread is a worker of some pool (its own, of another size or
+                // inherited, or a foreign one), so its unsplit loops stay in that
+                // pool's registry and start no global one.
+                (None, true) => kernels::par::serially(run),
+                (None, false) => shared.install(run),
+            }
         })
     })
     .map_err(panic_error)
@@ -342,6 +394,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(running::update_running_stats, m)?)?;
     m.add_function(wrap_pyfunction!(_set_serial_work, m)?)?;
+    m.add_function(wrap_pyfunction!(_set_own_pools, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(set_backend, m)?)?;
     m.add_function(wrap_pyfunction!(get_backend, m)?)?;

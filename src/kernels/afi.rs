@@ -29,6 +29,7 @@
 
 use super::channels_last;
 use super::gemm::{matmul, matmul_new, matmul_serial, Mat};
+use super::par;
 use super::pool::{dots, planes_per_task, sums};
 use super::{check_len, checked_numel, column_totals, output_buffer, stream, Error, Float, Result};
 use rayon::prelude::*;
@@ -256,7 +257,7 @@ pub fn forward<T: Float>(xs: &[&[T]], n: usize, c: usize, hw: usize, p: &Params<
     // map by map (small).
     let mut zt = vec![T::zero(); nc * m];
     let per = planes_per_task(hw, m);
-    zt.par_chunks_mut(per * m).enumerate().for_each(|(k, zc)| {
+    zt.par_chunks_mut(per * m).enumerate().with_min_len(par::min_len(1)).for_each(|(k, zc)| {
         for (q, zq) in zc.chunks_exact_mut(m).enumerate() {
             plane_means(xs, k * per + q, hw, zq);
         }
@@ -270,12 +271,16 @@ pub fn forward<T: Float>(xs: &[&[T]], n: usize, c: usize, hw: usize, p: &Params<
     // R = Σ_i s~_i · X_i, one pass over the planes.
     let mut out = output_buffer::<T>(nc * hw);
     let per = planes_per_task(hw, m + 1);
-    out.spare_capacity_mut()[..nc * hw].par_chunks_mut(per * hw).enumerate().for_each(|(k, chunk)| {
-        for (q, dst) in chunk.chunks_exact_mut(hw).enumerate() {
-            let pl = k * per + q;
-            fuse_plane(xs, pl, hw, dst, |i| weights[i * nc + pl]);
-        }
-    });
+    out.spare_capacity_mut()[..nc * hw]
+        .par_chunks_mut(per * hw)
+        .enumerate()
+        .with_min_len(par::min_len(1))
+        .for_each(|(k, chunk)| {
+            for (q, dst) in chunk.chunks_exact_mut(hw).enumerate() {
+                let pl = k * per + q;
+                fuse_plane(xs, pl, hw, dst, |i| weights[i * nc + pl]);
+            }
+        });
     // SAFETY: `nc * hw` is whole planes and every element of every plane was written.
     unsafe { out.set_len(nc * hw) };
 
@@ -396,6 +401,7 @@ fn forward_per_sample<T: Float>(
     out.spare_capacity_mut()[..nc * hw]
         .par_chunks_mut(sample)
         .enumerate()
+        .with_min_len(par::min_len(1))
         .map(|(b, o)| {
             let maps: Vec<&[T]> = xs.iter().map(|x| &x[b * sample..(b + 1) * sample]).collect();
             if channels_last {
@@ -518,7 +524,7 @@ fn softmax_over_maps<T: Float>(s: &[T], m: usize, cols: usize) -> Vec<T> {
             task.push(part);
         }
     }
-    tasks.into_par_iter().enumerate().for_each(|(k, mut rows)| {
+    tasks.into_par_iter().enumerate().with_min_len(par::min_len(1)).for_each(|(k, mut rows)| {
         let c0 = k * COLS_PER_TASK;
         let len = rows[0].len();
         let mut max = vec![f64::NEG_INFINITY; len];
@@ -567,11 +573,15 @@ pub fn backward<T: Float>(
     // Pass 1: g[pl*m + i] = Σ_hw grad_R · X_i over plane pl (plane-major, f64).
     let mut g = vec![0.0f64; nc * m];
     let per = planes_per_task(hw, m + 1);
-    g.par_chunks_mut(per * m).zip(grad_out.par_chunks(per * hw)).enumerate().for_each(|(k, (gc, go))| {
-        for (q, (gq, gp)) in gc.chunks_exact_mut(m).zip(go.chunks_exact(hw)).enumerate() {
-            plane_dots(xs, k * per + q, hw, gp, gq);
-        }
-    });
+    g.par_chunks_mut(per * m)
+        .zip(grad_out.par_chunks(per * hw))
+        .enumerate()
+        .with_min_len(par::min_len(1))
+        .for_each(|(k, (gc, go))| {
+            for (q, (gq, gp)) in gc.chunks_exact_mut(m).zip(go.chunks_exact(hw)).enumerate() {
+                plane_dots(xs, k * per + q, hw, gp, gq);
+            }
+        });
 
     // Softmax backward: dS_i = s~_i (g_i - Σ_j s~_j g_j), as [M*N, C] = [M, N, C].
     let ds = softmax_backward(&g, weights, m, nc);
@@ -586,14 +596,16 @@ pub fn backward<T: Float>(
     let block = per * hw;
     let mut gxs: Vec<Vec<T>> = (0..m).map(|_| output_buffer::<T>(total)).collect();
     let tasks = split_outputs(&mut gxs, total, block);
-    tasks.into_par_iter().zip(grad_out.par_chunks(block)).enumerate().for_each(|(k, (mut dsts, go))| {
-        let p0 = k * per;
-        for (q, gp) in go.chunks_exact(hw).enumerate() {
-            let pl = p0 + q;
-            let coef = |i: usize| (weights[i * nc + pl], dz[i * nc + pl]);
-            write_plane_grads(&mut dsts, q * hw..(q + 1) * hw, gp, coef);
-        }
-    });
+    tasks.into_par_iter().zip(grad_out.par_chunks(block)).enumerate().with_min_len(par::min_len(1)).for_each(
+        |(k, (mut dsts, go))| {
+            let p0 = k * per;
+            for (q, gp) in go.chunks_exact(hw).enumerate() {
+                let pl = p0 + q;
+                let coef = |i: usize| (weights[i * nc + pl], dz[i * nc + pl]);
+                write_plane_grads(&mut dsts, q * hw..(q + 1) * hw, gp, coef);
+            }
+        },
+    );
     for gx in gxs.iter_mut() {
         // SAFETY: the tasks above cover all `total` elements (whole planes) of every
         // map and wrote each one.
@@ -632,6 +644,7 @@ fn backward_per_sample<T: Float>(
         .into_par_iter()
         .zip(grad_out.par_chunks(sample))
         .enumerate()
+        .with_min_len(par::min_len(1))
         .map(|(b, (mut dsts, go))| {
             let maps: Vec<&[T]> = xs.iter().map(|x| &x[b * sample..(b + 1) * sample]).collect();
             let mut g = vec![0.0f64; c * m]; // [C, M]: plane-major

@@ -6,6 +6,7 @@
 //! elements per row. Column reductions accumulate in f64 and use two passes (mean,
 //! then squared deviations), as torch does.
 
+use super::par;
 use super::Float;
 use rayon::prelude::*;
 
@@ -44,7 +45,7 @@ pub fn column_sums<'a, T: Float + 'a>(
     f: impl Fn(T, usize) -> f64 + Sync,
 ) -> Vec<f64> {
     let mut out = vec![0.0f64; c];
-    out.par_chunks_mut(COL_BLOCK).enumerate().for_each(|(b, acc)| {
+    out.par_chunks_mut(COL_BLOCK).enumerate().with_min_len(par::min_len(1)).for_each(|(b, acc)| {
         let (j0, width) = (b * COL_BLOCK, acc.len());
         let block = |i: usize| &row(i)[j0..j0 + width];
         let f = |v, dj| f(v, j0 + dj);
@@ -107,7 +108,7 @@ pub fn normalize<T: Float>(
     if c == 0 {
         return y;
     }
-    y.par_chunks_mut(c).enumerate().for_each(|(i, row)| {
+    y.par_chunks_mut(c).enumerate().with_min_len(par::min_len(1)).for_each(|(i, row)| {
         for (((o, &v), &s), &b) in row.iter_mut().zip(&x[i * ld..i * ld + c]).zip(&scale).zip(&shift) {
             *o = act(v * s + b);
         }
@@ -174,8 +175,12 @@ pub fn backward_into<T: Float>(
     // ROWS_PER_SWEEP rows at a time.
     let mut dbeta = vec![0.0f64; c];
     let mut dgamma = vec![0.0f64; c];
-    dbeta.par_chunks_mut(COL_BLOCK).zip(dgamma.par_chunks_mut(COL_BLOCK)).enumerate().for_each(
-        |(b, (db, dg))| {
+    dbeta
+        .par_chunks_mut(COL_BLOCK)
+        .zip(dgamma.par_chunks_mut(COL_BLOCK))
+        .enumerate()
+        .with_min_len(par::min_len(1))
+        .for_each(|(b, (db, dg))| {
             let j0 = b * COL_BLOCK;
             let width = db.len();
             let (mu, is) = (&mean[j0..j0 + width], &invstd[j0..j0 + width]);
@@ -198,8 +203,7 @@ pub fn backward_into<T: Float>(
                 (_, true) => sums_rows::<T, true, 1>(db, dg, &[row(i)], mu, is),
                 (_, false) => sums_rows::<T, false, 1>(db, dg, &[row(i)], mu, is),
             });
-        },
-    );
+        });
     // dx = γ·σ⁻¹·(dy − Σdy/n − x̂·Σ(dy·x̂)/n), with the per-column factors folded:
     // dx = k1·dy − k2 − k3·(x − μ). In f64: with a small batch the terms nearly
     // cancel, and float32 arithmetic would leave round-off amplified by σ⁻¹.
@@ -213,15 +217,17 @@ pub fn backward_into<T: Float>(
     let mu: Vec<f64> = mean.iter().map(|v| v.as_f64()).collect();
     if c > 0 && n > 0 {
         let k = Folded { k1: &k1, k2: &k2, k3: &k3, mu: &mu };
-        dx_out.par_chunks_mut(ld_out).take(n).enumerate().for_each(|(i, row)| {
-            let (dyr, ar) = rows(i, 0, c);
-            let xr = &x[i * ld..i * ld + c];
-            if relu_out.is_some() {
-                dx_row::<T, true>(&mut row[..c], dyr, ar, xr, &k);
-            } else {
-                dx_row::<T, false>(&mut row[..c], dyr, ar, xr, &k);
-            }
-        });
+        dx_out.par_chunks_mut(ld_out).take(n).enumerate().with_min_len(par::min_len(1)).for_each(
+            |(i, row)| {
+                let (dyr, ar) = rows(i, 0, c);
+                let xr = &x[i * ld..i * ld + c];
+                if relu_out.is_some() {
+                    dx_row::<T, true>(&mut row[..c], dyr, ar, xr, &k);
+                } else {
+                    dx_row::<T, false>(&mut row[..c], dyr, ar, xr, &k);
+                }
+            },
+        );
     }
     (dgamma.into_iter().map(T::of).collect(), dbeta.into_iter().map(T::of).collect())
 }

@@ -16,6 +16,7 @@ pub mod channels_last;
 pub mod error;
 pub mod ffc;
 pub mod gemm;
+pub mod par;
 pub mod pool;
 pub mod ssm;
 pub mod stream;

@@ -3,6 +3,7 @@
 //! product of two maps plane by plane, and scaling (plus a shift) of every plane.
 //! These are the memory-bound passes of AB and AFI (and FFC/SSM's pooling).
 
+use super::par;
 use super::{output_buffer, stream, Float};
 use rayon::prelude::*;
 
@@ -29,7 +30,7 @@ pub fn global_avg_pool<T: Float>(x: &[T], hw: usize) -> Vec<T> {
     let planes = x.len() / hw;
     let mut out = vec![T::zero(); planes];
     let per = planes_per_task(hw, 2);
-    out.par_chunks_mut(per).zip(x.par_chunks(per * hw)).for_each(|(o, xs)| {
+    out.par_chunks_mut(per).zip(x.par_chunks(per * hw)).with_min_len(par::min_len(1)).for_each(|(o, xs)| {
         for (dst, plane) in o.iter_mut().zip(xs.chunks_exact(hw)) {
             *dst = plane_mean(plane);
         }
@@ -162,13 +163,14 @@ pub fn plane_dots<T: Float>(a: &[T], b: &[T], hw: usize) -> Vec<f64> {
     let planes = a.len() / hw;
     let mut out = vec![0.0f64; planes];
     let per = planes_per_task(hw, 2);
-    out.par_chunks_mut(per).zip(a.par_chunks(per * hw).zip(b.par_chunks(per * hw))).for_each(
-        |(o, (pa, pb))| {
+    out.par_chunks_mut(per)
+        .zip(a.par_chunks(per * hw).zip(b.par_chunks(per * hw)))
+        .with_min_len(par::min_len(1))
+        .for_each(|(o, (pa, pb))| {
             for (dst, (x, y)) in o.iter_mut().zip(pa.chunks_exact(hw).zip(pb.chunks_exact(hw))) {
                 *dst = dot(x, y);
             }
-        },
-    );
+        });
     out
 }
 
@@ -182,26 +184,31 @@ pub fn scale_planes<T: Float>(src: &[T], scale: &[T], shift: Option<&[T]>, hw: u
     let per = planes_per_task(hw, 2);
     let spare = &mut out.spare_capacity_mut()[..src.len()];
     let streaming = stream::worth_it::<T>(src.len(), hw);
-    spare.par_chunks_mut(per * hw).zip(src.par_chunks(per * hw)).enumerate().for_each(|(task, (o, s))| {
-        for (i, (op, sp)) in o.chunks_exact_mut(hw).zip(s.chunks_exact(hw)).enumerate() {
-            let p = task * per + i;
-            let (a, b) = (scale[p], shift.map_or(T::zero(), |b| b[p]));
-            if streaming {
-                stream::fill(op, |at, vals| {
-                    for (d, &v) in vals.iter_mut().zip(&sp[at..]) {
-                        *d = a * v + b;
+    spare
+        .par_chunks_mut(per * hw)
+        .zip(src.par_chunks(per * hw))
+        .enumerate()
+        .with_min_len(par::min_len(1))
+        .for_each(|(task, (o, s))| {
+            for (i, (op, sp)) in o.chunks_exact_mut(hw).zip(s.chunks_exact(hw)).enumerate() {
+                let p = task * per + i;
+                let (a, b) = (scale[p], shift.map_or(T::zero(), |b| b[p]));
+                if streaming {
+                    stream::fill(op, |at, vals| {
+                        for (d, &v) in vals.iter_mut().zip(&sp[at..]) {
+                            *d = a * v + b;
+                        }
+                    });
+                } else {
+                    for (d, &v) in op.iter_mut().zip(sp) {
+                        d.write(a * v + b);
                     }
-                });
-            } else {
-                for (d, &v) in op.iter_mut().zip(sp) {
-                    d.write(a * v + b);
                 }
             }
-        }
-        if streaming {
-            stream::fence();
-        }
-    });
+            if streaming {
+                stream::fence();
+            }
+        });
     // SAFETY: the chunks above cover `src.len()` elements, whole planes each (the
     // length is a multiple of `hw`), and every element of every plane was written.
     unsafe { out.set_len(src.len()) };
@@ -219,8 +226,11 @@ pub fn broadcast_planes<T: Float>(values: &[T], hw: usize) -> Vec<T> {
     }
     let per = planes_per_task(hw, 1);
     let streaming = stream::worth_it::<T>(len, hw);
-    out.spare_capacity_mut()[..len].par_chunks_mut(per * hw).zip(values.par_chunks(per)).for_each(
-        |(o, vs)| {
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(per * hw)
+        .zip(values.par_chunks(per))
+        .with_min_len(par::min_len(1))
+        .for_each(|(o, vs)| {
             for (plane, &v) in o.chunks_exact_mut(hw).zip(vs) {
                 if streaming {
                     stream::fill(plane, |_, vals| vals.fill(v));
@@ -233,8 +243,7 @@ pub fn broadcast_planes<T: Float>(values: &[T], hw: usize) -> Vec<T> {
             if streaming {
                 stream::fence();
             }
-        },
-    );
+        });
     // SAFETY: the chunks cover all `len` elements, whole planes, each written.
     unsafe { out.set_len(len) };
     out

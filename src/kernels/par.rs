@@ -1,0 +1,64 @@
+//! How the kernels' parallel loops split: every loop passes its least task size
+//! through [`min_len`], so that a call run under [`serially`] runs its loops whole on
+//! the calling thread, pushing no task and waking no other thread.
+//!
+//! The bindings run a small call that way (`src/bindings/mod.rs`, `compute`): the
+//! calling thread is itself worker 0 of its pool, so a split loop would wake the other
+//! workers, and on a VM a wake-up and the wait for the half another thread took cost
+//! more than a small kernel. The values are the same either way: a loop's tasks are
+//! its chunks, however many threads run them.
+
+use std::cell::Cell;
+
+thread_local! {
+    static SERIAL: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with the parallel loops it starts on this thread unsplit.
+pub fn serially<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SERIAL.set(self.0);
+        }
+    }
+    let _restore = Restore(SERIAL.replace(true));
+    f()
+}
+
+/// The least number of items a task of a parallel loop takes (rayon's
+/// `with_min_len`): `min`, or all of them inside [`serially`].
+pub fn min_len(min: usize) -> usize {
+    if SERIAL.get() {
+        usize::MAX
+    } else {
+        min
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rayon::prelude::*;
+
+    #[test]
+    fn serial_loops_stay_on_the_calling_thread() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap();
+        let threads = |serial: bool| {
+            let run = || {
+                (0..64usize)
+                    .into_par_iter()
+                    .with_min_len(min_len(1))
+                    .map(|_| {
+                        std::thread::sleep(std::time::Duration::from_micros(200));
+                        rayon::current_thread_index()
+                    })
+                    .collect::<std::collections::HashSet<_>>()
+            };
+            pool.install(|| if serial { serially(run) } else { run() })
+        };
+        assert_eq!(threads(true).len(), 1);
+        assert!(threads(false).len() > 1);
+        assert!(!SERIAL.get(), "serially restores the flag");
+    }
+}
