@@ -13,9 +13,13 @@ backward, or ``torch.export`` to a runtime without Python); ``torch.jit.trace``,
 ``torch.onnx.export`` and ``torch.func`` transforms get it automatically.
 ``cnnboost._core`` holds the Rust kernels for NumPy arrays and needs no torch.
 
-Threads: the kernels run in a pool of their own, sized like torch's intra-op pool
+Threads: the kernels run on as many threads as torch's intra-op pool
 (``torch.get_num_threads()``, followed after ``torch.set_num_threads``) so that the
 two do not oversubscribe the machine; ``cnnboost.set_num_threads(n)`` overrides it.
+As in torch's OpenMP regions the calling thread works too, as the first of its own
+pool's threads; that pool keeps the count of the thread's first call, so set the
+count before it (after a change, the thread's calls wait on a shared pool instead:
+the same values, slower on short calls; README, "Threads").
 
 Backends: CPU calls run the rayon kernels. ``cnnboost.set_backend("candle")`` (or
 ``CNNBOOST_BACKEND=candle``) runs them through the device-generic candle code instead,
@@ -55,7 +59,10 @@ _threads_chosen = False
 def set_num_threads(num_threads: int) -> None:
     """Sets the number of threads the kernels use. Until this is called, they use
     ``torch.get_num_threads()`` once a torch module of cnnboost is imported (the
-    number of CPUs before that), following ``torch.set_num_threads`` at the next call."""
+    number of CPUs before that), following ``torch.set_num_threads`` at the next call.
+    Best called before a thread's first kernel call: each calling thread runs its
+    calls in a pool of its own of the count at that first call, and after a change
+    waits on a shared pool of the new count instead (the same values)."""
     global _threads_chosen
     _core.set_num_threads(num_threads)
     _threads_chosen = True
