@@ -176,8 +176,8 @@ pub(crate) fn compute<R: Send>(py: Python<'_>, work: usize, f: impl FnOnce() -> 
                 (Some(own), true) => own.pool.install(|| kernels::par::serially(run)),
                 (Some(own), false) => own.pool.install(run),
                 // This thread is a worker of some pool (its own, of another size or
-                // inherited, or a foreign one), so its unsplit loops stay in that
-                // pool's registry and start no global one.
+                // inherited, or a foreign one, where rayon refused to build it), so
+                // its unsplit loops stay in that pool's registry.
                 (None, true) => kernels::par::serially(run),
                 (None, false) => shared.install(run),
             }
