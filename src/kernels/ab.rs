@@ -17,7 +17,7 @@
 use super::batchnorm;
 use super::channels_last;
 use super::gemm::{matmul, matmul_serial, Mat};
-use super::par;
+use super::par::SerialAware;
 use super::pool::{global_avg_pool, plane_dots, plane_mean, scale_planes};
 use super::{check_len, checked_numel, column_totals, output_buffer, stream, Error, Float, Result};
 use rayon::prelude::*;
@@ -244,7 +244,7 @@ fn forward_eval_per_sample<T: Float>(
         .par_chunks_mut(sample)
         .zip(pooled.par_chunks_mut(c))
         .zip(x.par_chunks(sample))
-        .with_min_len(par::min_len(1))
+        .serial_aware()
         .for_each(|((o, y), xs)| {
             if cfg.channels_last {
                 // The sample is an HW × C matrix: its channel means, the gate, then

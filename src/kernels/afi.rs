@@ -29,7 +29,7 @@
 
 use super::channels_last;
 use super::gemm::{matmul, matmul_new, matmul_serial, Mat};
-use super::par;
+use super::par::SerialAware;
 use super::pool::{dots, planes_per_task, sums};
 use super::{check_len, checked_numel, column_totals, output_buffer, stream, Error, Float, Result};
 use rayon::prelude::*;
@@ -257,7 +257,7 @@ pub fn forward<T: Float>(xs: &[&[T]], n: usize, c: usize, hw: usize, p: &Params<
     // map by map (small).
     let mut zt = vec![T::zero(); nc * m];
     let per = planes_per_task(hw, m);
-    zt.par_chunks_mut(per * m).enumerate().with_min_len(par::min_len(1)).for_each(|(k, zc)| {
+    zt.par_chunks_mut(per * m).enumerate().serial_aware().for_each(|(k, zc)| {
         for (q, zq) in zc.chunks_exact_mut(m).enumerate() {
             plane_means(xs, k * per + q, hw, zq);
         }
@@ -271,16 +271,14 @@ pub fn forward<T: Float>(xs: &[&[T]], n: usize, c: usize, hw: usize, p: &Params<
     // R = Σ_i s~_i · X_i, one pass over the planes.
     let mut out = output_buffer::<T>(nc * hw);
     let per = planes_per_task(hw, m + 1);
-    out.spare_capacity_mut()[..nc * hw]
-        .par_chunks_mut(per * hw)
-        .enumerate()
-        .with_min_len(par::min_len(1))
-        .for_each(|(k, chunk)| {
+    out.spare_capacity_mut()[..nc * hw].par_chunks_mut(per * hw).enumerate().serial_aware().for_each(
+        |(k, chunk)| {
             for (q, dst) in chunk.chunks_exact_mut(hw).enumerate() {
                 let pl = k * per + q;
                 fuse_plane(xs, pl, hw, dst, |i| weights[i * nc + pl]);
             }
-        });
+        },
+    );
     // SAFETY: `nc * hw` is whole planes and every element of every plane was written.
     unsafe { out.set_len(nc * hw) };
 
@@ -401,7 +399,7 @@ fn forward_per_sample<T: Float>(
     out.spare_capacity_mut()[..nc * hw]
         .par_chunks_mut(sample)
         .enumerate()
-        .with_min_len(par::min_len(1))
+        .serial_aware()
         .map(|(b, o)| {
             let maps: Vec<&[T]> = xs.iter().map(|x| &x[b * sample..(b + 1) * sample]).collect();
             if channels_last {
@@ -524,7 +522,7 @@ fn softmax_over_maps<T: Float>(s: &[T], m: usize, cols: usize) -> Vec<T> {
             task.push(part);
         }
     }
-    tasks.into_par_iter().enumerate().with_min_len(par::min_len(1)).for_each(|(k, mut rows)| {
+    tasks.into_par_iter().enumerate().serial_aware().for_each(|(k, mut rows)| {
         let c0 = k * COLS_PER_TASK;
         let len = rows[0].len();
         let mut max = vec![f64::NEG_INFINITY; len];
@@ -573,15 +571,13 @@ pub fn backward<T: Float>(
     // Pass 1: g[pl*m + i] = Σ_hw grad_R · X_i over plane pl (plane-major, f64).
     let mut g = vec![0.0f64; nc * m];
     let per = planes_per_task(hw, m + 1);
-    g.par_chunks_mut(per * m)
-        .zip(grad_out.par_chunks(per * hw))
-        .enumerate()
-        .with_min_len(par::min_len(1))
-        .for_each(|(k, (gc, go))| {
+    g.par_chunks_mut(per * m).zip(grad_out.par_chunks(per * hw)).enumerate().serial_aware().for_each(
+        |(k, (gc, go))| {
             for (q, (gq, gp)) in gc.chunks_exact_mut(m).zip(go.chunks_exact(hw)).enumerate() {
                 plane_dots(xs, k * per + q, hw, gp, gq);
             }
-        });
+        },
+    );
 
     // Softmax backward: dS_i = s~_i (g_i - Σ_j s~_j g_j), as [M*N, C] = [M, N, C].
     let ds = softmax_backward(&g, weights, m, nc);
@@ -596,7 +592,7 @@ pub fn backward<T: Float>(
     let block = per * hw;
     let mut gxs: Vec<Vec<T>> = (0..m).map(|_| output_buffer::<T>(total)).collect();
     let tasks = split_outputs(&mut gxs, total, block);
-    tasks.into_par_iter().zip(grad_out.par_chunks(block)).enumerate().with_min_len(par::min_len(1)).for_each(
+    tasks.into_par_iter().zip(grad_out.par_chunks(block)).enumerate().serial_aware().for_each(
         |(k, (mut dsts, go))| {
             let p0 = k * per;
             for (q, gp) in go.chunks_exact(hw).enumerate() {
@@ -644,7 +640,7 @@ fn backward_per_sample<T: Float>(
         .into_par_iter()
         .zip(grad_out.par_chunks(sample))
         .enumerate()
-        .with_min_len(par::min_len(1))
+        .serial_aware()
         .map(|(b, (mut dsts, go))| {
             let maps: Vec<&[T]> = xs.iter().map(|x| &x[b * sample..(b + 1) * sample]).collect();
             let mut g = vec![0.0f64; c * m]; // [C, M]: plane-major

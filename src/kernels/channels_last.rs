@@ -7,7 +7,7 @@
 //! Results do not depend on the number of threads: a sample's rows are cut into
 //! parts of a fixed size, whatever the pool, and the parts added in order.
 
-use super::par;
+use super::par::{self, SerialAware};
 use super::{output_buffer, stream, Float};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -138,7 +138,7 @@ fn sample_column_sums<T: Float>(
     let sample = hw * c;
     let partials: Vec<Vec<f64>> = (0..n * parts)
         .into_par_iter()
-        .with_min_len(par::min_len(1))
+        .serial_aware()
         .map(|task| {
             let (s, p) = (task / parts, task % parts);
             let rows = (p * PART).min(hw)..((p + 1) * PART).min(hw);
@@ -228,22 +228,20 @@ pub fn scale<T: Float>(src: &[T], scale: &[T], shift: Option<&[T]>, n: usize, hw
     let rows = (32 * 1024 / (2 * c)).clamp(1, hw);
     let per_sample = hw.div_ceil(rows);
     let spare = &mut out.spare_capacity_mut()[..len];
-    spare
-        .par_chunks_mut(hw * c)
-        .zip(src.par_chunks(hw * c))
-        .enumerate()
-        .with_min_len(par::min_len(1))
-        .for_each(|(s, (o, x))| {
+    spare.par_chunks_mut(hw * c).zip(src.par_chunks(hw * c)).enumerate().serial_aware().for_each(
+        |(s, (o, x))| {
             let (a, b) = (&scale[s * c..(s + 1) * c], shift.map(|b| &b[s * c..(s + 1) * c]));
-            o.par_chunks_mut(rows * c).zip(x.par_chunks(rows * c)).with_min_len(per_sample.min(4)).for_each(
-                |(o, x)| {
+            o.par_chunks_mut(rows * c)
+                .zip(x.par_chunks(rows * c))
+                .with_min_len(par::min_len(per_sample.min(4)))
+                .for_each(|(o, x)| {
                     scale_rows_into(o, x, a, b, streaming);
                     if streaming {
                         stream::fence();
                     }
-                },
-            );
-        });
+                });
+        },
+    );
     // SAFETY: the chunks cover all `len` elements, whole rows each (`len` is `n·hw·c`),
     // and `scale_rows_into` writes every element of every row.
     unsafe { out.set_len(len) };
@@ -299,9 +297,9 @@ pub fn weighted_sum<T: Float>(xs: &[&[T]], w: &[T], n: usize, hw: usize, c: usiz
     let streaming = stream::worth_it::<T>(len, c);
     let rows = (32 * 1024 / ((m + 1) * c)).clamp(1, hw);
     let spare = &mut out.spare_capacity_mut()[..len];
-    spare.par_chunks_mut(hw * c).enumerate().with_min_len(par::min_len(1)).for_each(|(s, o)| {
+    spare.par_chunks_mut(hw * c).enumerate().serial_aware().for_each(|(s, o)| {
         let ws: Vec<&[T]> = (0..m).map(|i| &w[i * nc + s * c..i * nc + (s + 1) * c]).collect();
-        o.par_chunks_mut(rows * c).enumerate().with_min_len(par::min_len(1)).for_each(|(k, o)| {
+        o.par_chunks_mut(rows * c).enumerate().serial_aware().for_each(|(k, o)| {
             let at = s * hw * c + k * rows * c;
             let srcs: Vec<&[T]> = xs.iter().map(|x| &x[at..at + o.len()]).collect();
             weighted_rows_into(o, &srcs, &ws, streaming);
@@ -373,19 +371,16 @@ pub fn affine_each<T: Float>(
             dsts.push(chunk);
         }
     }
-    per_sample
-        .into_par_iter()
-        .zip(src.par_chunks(sample))
-        .enumerate()
-        .with_min_len(par::min_len(1))
-        .for_each(|(s, (mut dsts, g))| {
+    per_sample.into_par_iter().zip(src.par_chunks(sample)).enumerate().serial_aware().for_each(
+        |(s, (mut dsts, g))| {
             let at = |i: usize| i * nc + s * c..i * nc + (s + 1) * c;
             let (a, b): (Vec<&[T]>, Vec<&[T]>) = (0..m).map(|i| (&a[at(i)], &b[at(i)])).unzip();
             affine_rows_into(&mut dsts, g, &a, &b, streaming);
             if streaming {
                 stream::fence();
             }
-        });
+        },
+    );
     for out in outs.iter_mut() {
         // SAFETY: every sample's rows of every output were written above.
         unsafe { out.set_len(len) };
@@ -404,24 +399,22 @@ pub fn broadcast<T: Float>(values: &[T], hw: usize, c: usize) -> Vec<T> {
     let streaming = stream::worth_it::<T>(len, c);
     let rows = (32 * 1024 / c).clamp(1, hw);
     let spare = &mut out.spare_capacity_mut()[..len];
-    spare.par_chunks_mut(hw * c).zip(values.par_chunks(c)).with_min_len(par::min_len(1)).for_each(
-        |(o, v)| {
-            o.par_chunks_mut(rows * c).with_min_len(par::min_len(1)).for_each(|o| {
-                for orow in o.chunks_exact_mut(c) {
-                    if streaming {
-                        stream::fill(orow, |at, vals| vals.copy_from_slice(&v[at..at + vals.len()]));
-                    } else {
-                        for (d, &x) in orow.iter_mut().zip(v) {
-                            d.write(x);
-                        }
+    spare.par_chunks_mut(hw * c).zip(values.par_chunks(c)).serial_aware().for_each(|(o, v)| {
+        o.par_chunks_mut(rows * c).serial_aware().for_each(|o| {
+            for orow in o.chunks_exact_mut(c) {
+                if streaming {
+                    stream::fill(orow, |at, vals| vals.copy_from_slice(&v[at..at + vals.len()]));
+                } else {
+                    for (d, &x) in orow.iter_mut().zip(v) {
+                        d.write(x);
                     }
                 }
-                if streaming {
-                    stream::fence();
-                }
-            });
-        },
-    );
+            }
+            if streaming {
+                stream::fence();
+            }
+        });
+    });
     // SAFETY: the chunks cover all `len` elements, whole rows of `c` each, every one
     // of them written.
     unsafe { out.set_len(len) };

@@ -19,7 +19,7 @@
 //! LayerNorm are `[N][L]`.
 
 use super::gemm::{matmul, matmul_new, Mat};
-use super::par;
+use super::par::SerialAware;
 use super::pool::global_avg_pool;
 pub use super::Outputs;
 use super::{check_len, checked_numel, column_totals, Error, Float, Result};
@@ -212,7 +212,7 @@ fn filter<T: Float>(cfg: &Config, f0: &[T], n: usize, c: usize, p: &Params<T>) -
             .par_chunks_mut(lv * c)
             .zip(mean.par_chunks_mut(nf).zip(rstd.par_chunks_mut(nf)))
             .enumerate()
-            .with_min_len(par::min_len(1))
+            .serial_aware()
             .for_each(|(i, (fs, (mu, rs)))| {
                 for (d, &v) in fs[..c].iter_mut().zip(&f0[i * c..(i + 1) * c]) {
                     d.write(v);
@@ -268,7 +268,7 @@ fn ensemble_feature<T: Float>(feats: &[T], d: Dims, a: &[f64]) -> Vec<T> {
     if d.n == 0 {
         return h;
     }
-    h.par_chunks_mut(c).zip(feats.par_chunks(lv * c)).with_min_len(par::min_len(1)).for_each(|(hr, fs)| {
+    h.par_chunks_mut(c).zip(feats.par_chunks(lv * c)).serial_aware().for_each(|(hr, fs)| {
         for (l, &al) in a.iter().enumerate() {
             for (o, &v) in hr.iter_mut().zip(&fs[l * c..(l + 1) * c]) {
                 *o += al * v;
@@ -336,50 +336,48 @@ pub fn vote<T: Float>(cfg: &Config, d: Dims, x: &[T], p: &Params<T>) -> Result<V
     if d.n == 0 {
         return Ok(scores);
     }
-    scores.par_chunks_mut(k).zip(pl.par_chunks(lv * k)).with_min_len(par::min_len(1)).for_each(
-        |(score, prows)| {
-            let output = |t: &[(usize, f64)], o: &mut Vec<f64>| {
-                o.clear();
-                o.resize(k, 0.0);
-                for &(l, w) in t {
-                    for (oi, &v) in o.iter_mut().zip(&prows[l * k..(l + 1) * k]) {
-                        *oi += w * v.as_f64();
-                    }
-                }
-            };
-            let mut o = Vec::with_capacity(k);
-            let mut winners = Vec::with_capacity(terms.len());
-            for t in &terms {
-                output(t, &mut o);
-                winners.push(argmax(&o));
-            }
-            let mut votes = vec![0u32; k];
-            for &w in &winners {
-                votes[w] += 1;
-            }
-            let top = *votes.iter().max().expect("k >= 1");
-            let mut bonus = vec![0.0f64; k];
-            if winners
-                .iter()
-                .filter(|&&w| votes[w] == top)
-                .any(|&w| winners.iter().any(|&v| v != w && votes[v] == top))
-            {
-                for (t, &w) in terms.iter().zip(&winners) {
-                    if votes[w] == top {
-                        output(t, &mut o);
-                        let m = o[w];
-                        let prob = 1.0 / o.iter().map(|&v| (v - m).exp()).sum::<f64>();
-                        if prob > bonus[w] || prob.is_nan() {
-                            bonus[w] = prob;
-                        }
-                    }
+    scores.par_chunks_mut(k).zip(pl.par_chunks(lv * k)).serial_aware().for_each(|(score, prows)| {
+        let output = |t: &[(usize, f64)], o: &mut Vec<f64>| {
+            o.clear();
+            o.resize(k, 0.0);
+            for &(l, w) in t {
+                for (oi, &v) in o.iter_mut().zip(&prows[l * k..(l + 1) * k]) {
+                    *oi += w * v.as_f64();
                 }
             }
-            for ((s, &v), &b) in score.iter_mut().zip(&votes).zip(&bonus) {
-                *s = T::of(v as f64 + 0.5 * b);
+        };
+        let mut o = Vec::with_capacity(k);
+        let mut winners = Vec::with_capacity(terms.len());
+        for t in &terms {
+            output(t, &mut o);
+            winners.push(argmax(&o));
+        }
+        let mut votes = vec![0u32; k];
+        for &w in &winners {
+            votes[w] += 1;
+        }
+        let top = *votes.iter().max().expect("k >= 1");
+        let mut bonus = vec![0.0f64; k];
+        if winners
+            .iter()
+            .filter(|&&w| votes[w] == top)
+            .any(|&w| winners.iter().any(|&v| v != w && votes[v] == top))
+        {
+            for (t, &w) in terms.iter().zip(&winners) {
+                if votes[w] == top {
+                    output(t, &mut o);
+                    let m = o[w];
+                    let prob = 1.0 / o.iter().map(|&v| (v - m).exp()).sum::<f64>();
+                    if prob > bonus[w] || prob.is_nan() {
+                        bonus[w] = prob;
+                    }
+                }
             }
-        },
-    );
+        }
+        for ((s, &v), &b) in score.iter_mut().zip(&votes).zip(&bonus) {
+            *s = T::of(v as f64 + 0.5 * b);
+        }
+    });
     Ok(scores)
 }
 
@@ -463,7 +461,7 @@ pub fn backward<T: Float>(
     let partials: Vec<Vec<f64>> = gx
         .par_chunks_mut(ROWS_PER_TASK * c)
         .enumerate()
-        .with_min_len(par::min_len(1))
+        .serial_aware()
         .map(|(blk, gx_rows)| {
             let mut acc = vec![0.0f64; 2 * nf * c]; // [dgamma (L·C), dbeta (L·C)]
             let mut g = vec![T::zero(); c];

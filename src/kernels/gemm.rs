@@ -280,9 +280,9 @@ fn split_blas_matmul<T: Float>(
     let len = if by_rows { m } else { n };
     let parts = threads.min(len);
     let (ptr, dst_len, ld) = (dst.ptr as usize, dst.len, dst.ld);
-    use super::par;
+    use super::par::SerialAware;
     use rayon::prelude::*;
-    (0..parts).into_par_iter().with_min_len(par::min_len(1)).for_each(|p| {
+    (0..parts).into_par_iter().serial_aware().for_each(|p| {
         let (lo, hi) = (len * p / parts, len * (p + 1) / parts);
         // SAFETY: block `p` covers rows (or columns) lo..hi of `dst`, which no other
         // block touches; its offset is inside `dst` (lo < m or n), so the sub-range

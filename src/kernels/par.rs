@@ -1,6 +1,6 @@
-//! How the kernels' parallel loops split: every loop passes its least task size
-//! through [`min_len`], so that a call run under [`serially`] runs its loops whole on
-//! the calling thread, pushing no task and waking no other thread.
+//! How the kernels' parallel loops split: every loop is [`SerialAware`] (or passes its
+//! least task size through [`min_len`]), so that a call run under [`serially`] runs
+//! its loops whole on the calling thread, pushing no task and waking no other thread.
 //!
 //! The bindings run a small call that way (`src/bindings/mod.rs`, `compute`): the
 //! calling thread is itself worker 0 of its pool, so a split loop would wake the other
@@ -8,6 +8,7 @@
 //! more than a small kernel. The values are the same either way: a loop's tasks are
 //! its chunks, however many threads run them.
 
+use rayon::iter::{IndexedParallelIterator, MinLen};
 use std::cell::Cell;
 
 thread_local! {
@@ -36,6 +37,16 @@ pub fn min_len(min: usize) -> usize {
     }
 }
 
+/// A parallel loop split into tasks as rayon chooses, or not at all inside
+/// [`serially`]: `.serial_aware()` before the loop's `for_each` or `map`.
+pub trait SerialAware: IndexedParallelIterator {
+    fn serial_aware(self) -> MinLen<Self> {
+        self.with_min_len(min_len(1))
+    }
+}
+
+impl<I: IndexedParallelIterator> SerialAware for I {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -48,7 +59,7 @@ mod tests {
             let run = || {
                 (0..64usize)
                     .into_par_iter()
-                    .with_min_len(min_len(1))
+                    .serial_aware()
                     .map(|_| {
                         std::thread::sleep(std::time::Duration::from_micros(200));
                         rayon::current_thread_index()

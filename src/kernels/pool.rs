@@ -3,7 +3,7 @@
 //! product of two maps plane by plane, and scaling (plus a shift) of every plane.
 //! These are the memory-bound passes of AB and AFI (and FFC/SSM's pooling).
 
-use super::par;
+use super::par::SerialAware;
 use super::{output_buffer, stream, Float};
 use rayon::prelude::*;
 
@@ -30,7 +30,7 @@ pub fn global_avg_pool<T: Float>(x: &[T], hw: usize) -> Vec<T> {
     let planes = x.len() / hw;
     let mut out = vec![T::zero(); planes];
     let per = planes_per_task(hw, 2);
-    out.par_chunks_mut(per).zip(x.par_chunks(per * hw)).with_min_len(par::min_len(1)).for_each(|(o, xs)| {
+    out.par_chunks_mut(per).zip(x.par_chunks(per * hw)).serial_aware().for_each(|(o, xs)| {
         for (dst, plane) in o.iter_mut().zip(xs.chunks_exact(hw)) {
             *dst = plane_mean(plane);
         }
@@ -66,7 +66,7 @@ fn lane_sums<T: Float, const K: usize>(a: &[T], bs: [&[T]; K], f: impl Fn(T, T) 
 /// loop together with the f32 → f64 conversion after it, two floats per vector (the
 /// width of a conversion), with register shuffles on every step: AFI's dots ran at
 /// half the speed in perf, a compute limit near the memory bandwidth of the machine
-/// (see docs/performance.md, 2026-12-01, afternoon). It costs one store and load of
+/// (see docs/performance.md, "Measured 2026-12-01, morning"). It costs one store and load of
 /// the lanes per block.
 #[inline(always)]
 fn vector_width_barrier<L>(lanes: L) -> L {
@@ -163,14 +163,13 @@ pub fn plane_dots<T: Float>(a: &[T], b: &[T], hw: usize) -> Vec<f64> {
     let planes = a.len() / hw;
     let mut out = vec![0.0f64; planes];
     let per = planes_per_task(hw, 2);
-    out.par_chunks_mut(per)
-        .zip(a.par_chunks(per * hw).zip(b.par_chunks(per * hw)))
-        .with_min_len(par::min_len(1))
-        .for_each(|(o, (pa, pb))| {
+    out.par_chunks_mut(per).zip(a.par_chunks(per * hw).zip(b.par_chunks(per * hw))).serial_aware().for_each(
+        |(o, (pa, pb))| {
             for (dst, (x, y)) in o.iter_mut().zip(pa.chunks_exact(hw).zip(pb.chunks_exact(hw))) {
                 *dst = dot(x, y);
             }
-        });
+        },
+    );
     out
 }
 
@@ -184,12 +183,8 @@ pub fn scale_planes<T: Float>(src: &[T], scale: &[T], shift: Option<&[T]>, hw: u
     let per = planes_per_task(hw, 2);
     let spare = &mut out.spare_capacity_mut()[..src.len()];
     let streaming = stream::worth_it::<T>(src.len(), hw);
-    spare
-        .par_chunks_mut(per * hw)
-        .zip(src.par_chunks(per * hw))
-        .enumerate()
-        .with_min_len(par::min_len(1))
-        .for_each(|(task, (o, s))| {
+    spare.par_chunks_mut(per * hw).zip(src.par_chunks(per * hw)).enumerate().serial_aware().for_each(
+        |(task, (o, s))| {
             for (i, (op, sp)) in o.chunks_exact_mut(hw).zip(s.chunks_exact(hw)).enumerate() {
                 let p = task * per + i;
                 let (a, b) = (scale[p], shift.map_or(T::zero(), |b| b[p]));
@@ -208,7 +203,8 @@ pub fn scale_planes<T: Float>(src: &[T], scale: &[T], shift: Option<&[T]>, hw: u
             if streaming {
                 stream::fence();
             }
-        });
+        },
+    );
     // SAFETY: the chunks above cover `src.len()` elements, whole planes each (the
     // length is a multiple of `hw`), and every element of every plane was written.
     unsafe { out.set_len(src.len()) };
@@ -229,7 +225,7 @@ pub fn broadcast_planes<T: Float>(values: &[T], hw: usize) -> Vec<T> {
     out.spare_capacity_mut()[..len]
         .par_chunks_mut(per * hw)
         .zip(values.par_chunks(per))
-        .with_min_len(par::min_len(1))
+        .serial_aware()
         .for_each(|(o, vs)| {
             for (plane, &v) in o.chunks_exact_mut(hw).zip(vs) {
                 if streaming {
