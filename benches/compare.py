@@ -8,7 +8,9 @@ GEMM-bound case (FFC, SSM) also times its matrix products alone, in torch (on
 torch's BLAS, as eager runs them), interleaved with the rest: "products" is that
 time, "ceiling" eager's time over it, the most an implementation computing those
 products on torch's BLAS can gain (cnnboost's default GEMM may be faster: README,
-"Matrix products").
+"Matrix products"). A memory-bound case also reports how long cnnboost's step spent
+inside the Rust kernels' calls ("kernels", timed around each call in the same steps)
+and their GB/s: the rest of the step is Python, autograd and torch around them.
 
     python benches/compare.py                 # every case
     python benches/compare.py --only ffc      # cases whose name starts with "ffc"
@@ -25,6 +27,7 @@ their ratios, with the lowest and highest.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -243,6 +246,39 @@ def step_fn(module: nn.Module, case: Case):
     return run
 
 
+class KernelClock:
+    """The time cnnboost's steps spend inside the Rust kernels' calls: every kernel
+    object a module makes (its ``_kernels`` factory) is handed out wrapped, its
+    methods timed. What a step takes beyond it is Python, autograd and torch around
+    the kernels. A wrapped call costs ~1 us more than a plain one."""
+
+    def __init__(self):
+        self.total = 0.0
+        for name in ("ab", "afi", "ffc", "ssm"):
+            mod = importlib.import_module(f"cnnboost.{name}")
+            make = mod._kernels
+            mod._kernels = lambda *args, _make=make: _Timed(_make(*args), self)
+
+
+class _Timed:
+    def __init__(self, kernels, clock: KernelClock):
+        self._kernels, self._clock = kernels, clock
+
+    def __getattr__(self, name):
+        method = getattr(self._kernels, name)
+
+        def timed(*args):
+            t0 = time.perf_counter()
+            try:
+                return method(*args)
+            finally:
+                self._clock.total += time.perf_counter() - t0
+        return timed
+
+
+CLOCK = KernelClock()
+
+
 def bench_case(case: Case, reps: int, compile_: bool):
     torch.manual_seed(0)
     with torch.device(DEVICE):
@@ -258,18 +294,21 @@ def bench_case(case: Case, reps: int, compile_: bool):
     for fn in runs.values():  # warm up (and compile)
         fn()
         fn()
-    times = {k: [] for k in runs}
     keys = list(runs)
+    times = {k: [] for k in keys + ["kernels"]}
     for i in range(reps):
         # Interleaved, so that drift hits all alike; the order rotates every round, so
         # that going first (or after a given neighbour) does too: on a GPU, the first
         # call of a fixed order measured 50-170 us slower (docs/performance.md, "GPU").
         for k in keys[i % len(keys):] + keys[:i % len(keys)]:
             _sync()
+            in_kernels = CLOCK.total
             t0 = time.perf_counter()
             runs[k]()
             _sync()
             times[k].append(time.perf_counter() - t0)
+            if k == "cnnboost":
+                times["kernels"].append(CLOCK.total - in_kernels)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -352,6 +391,10 @@ def print_row(case: Case, times: List[dict], gflops: float, gbs: float):
             ach += f"; products {prod * 1e3:.1f}ms, ceiling {eager / prod:.2f}x"
     elif case.bytes:
         ach = f"{case.bytes / fast / 1e9:.1f} GB/s ({100 * case.bytes / fast / 1e9 / gbs:.0f}% of copy)"
+        if times[0].get("kernels"):
+            kern = med([t["kernels"] for t in times])
+            ach += (f"; kernels {kern * 1e3:.2f}ms, {case.bytes / kern / 1e9:.1f} GB/s "
+                    f"({100 * case.bytes / kern / 1e9 / gbs:.0f}%)")
     print(f"{case.name:<{NAME_WIDTH}} {fast * 1e3:>7.2f}ms {eager * 1e3:>7.2f}ms "
           f"{(comp * 1e3 if comp else float('nan')):>7.2f}ms {ratio('eager')} {ratio('compile')}  {ach}", flush=True)
 
