@@ -8,7 +8,9 @@ GEMM-bound case (FFC, SSM) also times its matrix products alone, in torch (on
 torch's BLAS, as eager runs them), interleaved with the rest: "products" is that
 time, "ceiling" eager's time over it, the most an implementation computing those
 products on torch's BLAS can gain (cnnboost's default GEMM may be faster: README,
-"Matrix products"). A memory-bound case also reports how long cnnboost's step spent
+"Matrix products"). A memory-bound case times torch's 64 MiB copy in the same rounds,
+and gives its GB/s as a share of that copy's (the copy rate in the header, measured
+once, is for reference: the VM's memory speed drifts). It also reports how long cnnboost's step spent
 inside the Rust kernels' calls ("kernels", timed around each call in the same steps)
 and their GB/s: the rest of the step is Python, autograd and torch around them.
 
@@ -30,6 +32,7 @@ import argparse
 import importlib
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -180,16 +183,25 @@ CASE_GROUPS = {"ffc": ffc_cases, "ssm": ssm_cases, "ab": ab_cases, "afi": afi_ca
 DEVICE = torch.device("cpu")
 
 
+COPY_BYTES = 64 * 1024 * 1024  # the roofline's copy: 64 MiB read, 64 MiB written
+
+
+def copy_fn():
+    """A function copying ``COPY_BYTES`` with torch: the memory roofline's yardstick."""
+    with torch.device(DEVICE):
+        x = torch.randn(COPY_BYTES // 4)
+        y = torch.empty_like(x)
+    return lambda: y.copy_(x)
+
+
 def machine_rates():
     """(GEMM GFLOP/s, copy GB/s) as torch measures them here."""
     with torch.device(DEVICE):
         a, b = torch.randn(256, 2048), torch.randn(2048, 1000)
-        x = torch.randn(64 * 1024 * 1024 // 4)  # 64 MiB
-        y = torch.empty_like(x)
     t = median_time(lambda: a @ b, 15)
     gflops = 2 * 256 * 2048 * 1000 / t / 1e9
-    t = median_time(lambda: y.copy_(x), 15)
-    gbs = 2 * x.numel() * 4 / t / 1e9
+    t = median_time(copy_fn(), 15)
+    gbs = 2 * COPY_BYTES / t / 1e9
     return gflops, gbs
 
 
@@ -291,16 +303,25 @@ def bench_case(case: Case, reps: int, compile_: bool):
             runs["compile"] = step_fn(torch.compile(ref), case)
         if case.products is not None:
             runs["products"] = case.products()
+        if case.bytes:
+            # The copy roofline, timed in the same rounds: the VM's memory speed moves
+            # from minute to minute (27-40 GB/s in one morning), so a share of copy
+            # measured once at the start drifts with it.
+            runs["copy"] = copy_fn()
     for fn in runs.values():  # warm up (and compile)
         fn()
         fn()
     keys = list(runs)
     times = {k: [] for k in keys + ["kernels"]}
-    for i in range(reps):
-        # Interleaved, so that drift hits all alike; the order rotates every round, so
-        # that going first (or after a given neighbour) does too: on a GPU, the first
-        # call of a fixed order measured 50-170 us slower (docs/performance.md, "GPU").
-        for k in keys[i % len(keys):] + keys[:i % len(keys)]:
+    shuffle = random.Random(0).shuffle
+    for _ in range(reps):
+        # Interleaved, so that drift hits all alike, in a new order every round, so that
+        # going first, or after a given neighbour, does too: on a GPU, the first call
+        # of a fixed order measured 50-170 us slower (docs/performance.md, "GPU"); on
+        # the CPU, the copy leaves 64 MiB of dirty cache lines for the next run to write
+        # back (a rotating order put cnnboost after it in three rounds of four).
+        shuffle(keys)
+        for k in keys:
             _sync()
             in_kernels = CLOCK.total
             t0 = time.perf_counter()
@@ -390,11 +411,14 @@ def print_row(case: Case, times: List[dict], gflops: float, gbs: float):
             prod = med([t["products"] for t in times])
             ach += f"; products {prod * 1e3:.1f}ms, ceiling {eager / prod:.2f}x"
     elif case.bytes:
-        ach = f"{case.bytes / fast / 1e9:.1f} GB/s ({100 * case.bytes / fast / 1e9 / gbs:.0f}% of copy)"
+        # Shares of the copy rate timed alongside, in each process, then their median.
+        def share(key):
+            return med([case.bytes * t["copy"] / (2 * COPY_BYTES * t[key]) for t in times])
+        copy = med([2 * COPY_BYTES / t["copy"] for t in times]) / 1e9
+        ach = f"{case.bytes / fast / 1e9:.1f} GB/s ({100 * share('cnnboost'):.0f}% of copy at {copy:.1f} GB/s)"
         if times[0].get("kernels"):
             kern = med([t["kernels"] for t in times])
-            ach += (f"; kernels {kern * 1e3:.2f}ms, {case.bytes / kern / 1e9:.1f} GB/s "
-                    f"({100 * case.bytes / kern / 1e9 / gbs:.0f}%)")
+            ach += f"; kernels {kern * 1e3:.2f}ms, {case.bytes / kern / 1e9:.1f} GB/s ({100 * share('kernels'):.0f}%)"
     print(f"{case.name:<{NAME_WIDTH}} {fast * 1e3:>7.2f}ms {eager * 1e3:>7.2f}ms "
           f"{(comp * 1e3 if comp else float('nan')):>7.2f}ms {ratio('eager')} {ratio('compile')}  {ach}", flush=True)
 
