@@ -52,6 +52,54 @@ mod tests {
     use super::*;
     use rayon::prelude::*;
 
+    /// Every parallel loop of the kernels, read from their source: from its parallel
+    /// iterator (`par_…`, `into_par_iter()`) to the call that runs it (`for_each`,
+    /// `map`, `collect`, ...), the chain must pass through `.serial_aware()` (or take
+    /// its task size from `par::min_len`), or a small call would split it and wake
+    /// the other workers (the channels-last scaling loop once did).
+    #[test]
+    fn every_parallel_loop_of_the_kernels_is_serial_aware() {
+        let sources = [
+            ("ab.rs", include_str!("ab.rs")),
+            ("afi.rs", include_str!("afi.rs")),
+            ("batchnorm.rs", include_str!("batchnorm.rs")),
+            ("channels_last.rs", include_str!("channels_last.rs")),
+            ("error.rs", include_str!("error.rs")),
+            ("ffc.rs", include_str!("ffc.rs")),
+            ("gemm.rs", include_str!("gemm.rs")),
+            ("mod.rs", include_str!("mod.rs")),
+            ("pool.rs", include_str!("pool.rs")),
+            ("ssm.rs", include_str!("ssm.rs")),
+            ("stream.rs", include_str!("stream.rs")),
+        ];
+        let starts = [".par_", "into_par_iter()", "par_bridge()"];
+        let runs =
+            [".for_each", ".map(", ".collect", ".sum", ".reduce", ".fold(", ".count()", ".min", ".max"];
+        let mut loops = 0;
+        for (file, source) in sources {
+            let code: Vec<&str> = source.lines().map(|l| l.split("//").next().unwrap_or("")).collect();
+            let code = code.join("\n");
+            let code = code.split("mod tests {").next().unwrap_or("");
+            let mut at = 0;
+            while let Some(i) = starts.iter().filter_map(|s| code[at..].find(s)).min() {
+                let start = at + i;
+                let chain = &code[start..];
+                let line = code[..start].lines().count();
+                let end = runs.iter().filter_map(|r| chain.find(r)).min();
+                let end =
+                    end.unwrap_or_else(|| panic!("{file}:{line}: a parallel iterator that is never run"));
+                assert!(
+                    chain[..end].contains(".serial_aware()") || chain[..end].contains("min_len("),
+                    "{file}:{line}: a parallel loop without .serial_aware(): {}",
+                    &chain[..end]
+                );
+                loops += 1;
+                at = start + end;
+            }
+        }
+        assert!(loops >= 10, "found only {loops} parallel loops: is the search still right?");
+    }
+
     #[test]
     fn serial_loops_stay_on_the_calling_thread() {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap();
