@@ -278,6 +278,8 @@ class _Timed:
 
     def __getattr__(self, name):
         method = getattr(self._kernels, name)
+        if not callable(method):
+            return method
 
         def timed(*args):
             t0 = time.perf_counter()
