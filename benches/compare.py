@@ -259,17 +259,27 @@ def step_fn(module: nn.Module, case: Case):
 
 
 class KernelClock:
-    """The time cnnboost's steps spend inside the Rust kernels' calls: every kernel
-    object a module makes (its ``_kernels`` factory) is handed out wrapped, its
-    methods timed. What a step takes beyond it is Python, autograd and torch around
-    the kernels. A wrapped call costs ~1 us more than a plain one."""
+    """The time cnnboost's steps spend inside the Rust kernels' calls, while in a
+    ``with`` block: every kernel object a module makes (its ``_kernels`` factory) is
+    handed out wrapped, its methods timed. What a step takes beyond it is Python,
+    autograd and torch around the kernels. A wrapped call costs ~1 us more than a
+    plain one. The factories are restored on leaving the block."""
 
-    def __init__(self):
+    MODULES = ("ab", "afi", "ffc", "ssm")
+
+    def __enter__(self):
         self.total = 0.0
-        for name in ("ab", "afi", "ffc", "ssm"):
+        self._factories = []
+        for name in self.MODULES:
             mod = importlib.import_module(f"cnnboost.{name}")
             make = mod._kernels
+            self._factories.append((mod, make))
             mod._kernels = lambda *args, _make=make: _Timed(_make(*args), self)
+        return self
+
+    def __exit__(self, *exc):
+        for mod, make in self._factories:
+            mod._kernels = make
 
 
 class _Timed:
@@ -288,9 +298,6 @@ class _Timed:
             finally:
                 self._clock.total += time.perf_counter() - t0
         return timed
-
-
-CLOCK = KernelClock()
 
 
 def bench_case(case: Case, reps: int, compile_: bool):
@@ -316,22 +323,24 @@ def bench_case(case: Case, reps: int, compile_: bool):
     keys = list(runs)
     times = {k: [] for k in keys + ["kernels"]}
     shuffle = random.Random(0).shuffle
-    for _ in range(reps):
-        # Interleaved, so that drift hits all alike, in a new order every round, so that
-        # going first, or after a given neighbour, does too: on a GPU, the first call
-        # of a fixed order measured 50-170 us slower (docs/performance.md, "GPU"); on
-        # the CPU, the copy leaves 64 MiB of dirty cache lines for the next run to write
-        # back (a rotating order put cnnboost after it in three rounds of four).
-        shuffle(keys)
-        for k in keys:
-            _sync()
-            in_kernels = CLOCK.total
-            t0 = time.perf_counter()
-            runs[k]()
-            _sync()
-            times[k].append(time.perf_counter() - t0)
-            if k == "cnnboost":
-                times["kernels"].append(CLOCK.total - in_kernels)
+    with KernelClock() as clock:
+        for _ in range(reps):
+            # Interleaved, so that drift hits all alike, in a new order every round, so
+            # that going first, or after a given neighbour, does too: on a GPU, the
+            # first call of a fixed order measured 50-170 us slower (docs/performance.md,
+            # "GPU"); on the CPU, the copy leaves 64 MiB of dirty cache lines for the
+            # next run to write back (a rotating order put cnnboost after it in three
+            # rounds of four).
+            shuffle(keys)
+            for k in keys:
+                _sync()
+                in_kernels = clock.total
+                t0 = time.perf_counter()
+                runs[k]()
+                _sync()
+                times[k].append(time.perf_counter() - t0)
+                if k == "cnnboost":
+                    times["kernels"].append(clock.total - in_kernels)
     return {k: statistics.median(v) for k, v in times.items()}
 
 

@@ -119,8 +119,11 @@ def test_benchmark_script_times_outside_any_torch_function_mode(capsys, monkeypa
                         lambda: [torch.randn(4, 8, 5, 5)], False, bytes=2 * 4 * 8 * 5 * 5 * 4, call=call)
     monkeypatch.setattr(compare, "CASE_GROUPS", {"tiny": lambda: [case]})
     monkeypatch.setattr(compare, "machine_rates", lambda: (1.0, 1.0))
+    factory = cnnboost.ab._kernels
     compare.main(["--reps", "2", "--no-compile"])
     out = capsys.readouterr().out
     assert "tiny ab eval" in out and "x" in out.split("tiny ab eval")[1]
+    assert "kernels" in out.split("tiny ab eval")[1]  # the time inside the Rust kernels
+    assert cnnboost.ab._kernels is factory  # the kernel clock put the factory back
     assert seen and set(seen) == {0}, seen
     assert torch.get_default_device() == torch.device("cpu")
