@@ -253,11 +253,17 @@ def test_resident_memory_stays_flat_over_many_calls(name):
 
     for _ in range(500):
         step()
-    before = proc.memory_info().rss
-    for _ in range(10_000):
-        step()
-    grown = proc.memory_info().rss - before
-    assert grown < 8 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB over 10,000 steps"
+    # Two windows of 5,000 steps: a leak grows both (by 4 MiB each at ~840 bytes a
+    # step), while an allocator or a thread growing its caches once, somewhere in the
+    # run, grows one (a CI run once saw 9.6 MiB in one window of 10,000 steps; 50,000
+    # steps of AFI grew 0.1 MiB in all on a rerun).
+    rss = [proc.memory_info().rss]
+    for _ in range(2):
+        for _ in range(5_000):
+            step()
+        rss.append(proc.memory_info().rss)
+    grown = [(b - a) / 2**20 for a, b in zip(rss, rss[1:])]
+    assert min(grown) < 4, f"RSS grew in both windows of 5,000 steps: {grown[0]:.1f} and {grown[1]:.1f} MiB"
 
 
 EMPTY_BATCHES = {
