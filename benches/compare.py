@@ -10,9 +10,10 @@ time, "ceiling" eager's time over it, the most an implementation computing those
 products on torch's BLAS can gain (cnnboost's default GEMM may be faster: README,
 "Matrix products"). A memory-bound case times torch's 64 MiB copy in the same rounds,
 and gives its GB/s as a share of that copy's (the copy rate in the header, measured
-once, is for reference: the VM's memory speed drifts). It also reports how long cnnboost's step spent
-inside the Rust kernels' calls ("kernels", timed around each call in the same steps)
-and their GB/s: the rest of the step is Python, autograd and torch around them.
+once, is for reference: the VM's memory speed drifts). It also reports how long
+cnnboost's step spent inside the Rust kernels' calls ("kernels", timed around each
+call in the same steps) and their GB/s: the rest of the step is Python, autograd and
+torch around them.
 
     python benches/compare.py                 # every case
     python benches/compare.py --only ffc      # cases whose name starts with "ffc"

@@ -59,24 +59,22 @@ mod tests {
     /// the other workers (the channels-last scaling loop once did).
     #[test]
     fn every_parallel_loop_of_the_kernels_is_serial_aware() {
-        let sources = [
-            ("ab.rs", include_str!("ab.rs")),
-            ("afi.rs", include_str!("afi.rs")),
-            ("batchnorm.rs", include_str!("batchnorm.rs")),
-            ("channels_last.rs", include_str!("channels_last.rs")),
-            ("error.rs", include_str!("error.rs")),
-            ("ffc.rs", include_str!("ffc.rs")),
-            ("gemm.rs", include_str!("gemm.rs")),
-            ("mod.rs", include_str!("mod.rs")),
-            ("pool.rs", include_str!("pool.rs")),
-            ("ssm.rs", include_str!("ssm.rs")),
-            ("stream.rs", include_str!("stream.rs")),
-        ];
+        // Every file of the kernels, read where they lie, so that a new one is checked too.
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/kernels");
+        let mut sources: Vec<(String, String)> = std::fs::read_dir(dir)
+            .expect("the kernels' source folder")
+            .map(|e| e.expect("a kernel source file").path())
+            .filter(|p| p.extension().is_some_and(|x| x == "rs"))
+            .map(|p| {
+                (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read_to_string(&p).unwrap())
+            })
+            .collect();
+        sources.sort();
         let starts = [".par_", "into_par_iter()", "par_bridge()"];
         let runs =
             [".for_each", ".map(", ".collect", ".sum", ".reduce", ".fold(", ".count()", ".min", ".max"];
         let mut loops = 0;
-        for (file, source) in sources {
+        for (file, source) in &sources {
             let code: Vec<&str> = source.lines().map(|l| l.split("//").next().unwrap_or("")).collect();
             let code = code.join("\n");
             let code = code.split("mod tests {").next().unwrap_or("");
